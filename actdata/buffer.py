@@ -1,0 +1,406 @@
+"""SharedActivationBuffer: a shared-memory tensor of activation rows that writers fill and readers drain.
+
+What it keeps, in one memory-mapped file (POSIX shm in /dev/shm by default, any file when a path is
+given) that every process attaches to by path:
+
+    header   counters (free/ready/writing/reading counts, rows written/read, refresh epoch, ...)
+    state    int8  [capacity]  FREE -> WRITING -> READY -> READING -> FREE (or READY again)
+    reads    int32 [capacity]  times the row was served since it was written
+    origin   int64 [capacity]  the context a row came from (for the batch-mixing statistic)
+    free     int64 [capacity]  list of FREE slot ids (first n_free entries valid)
+    ready    int64 [capacity]  list of READY slot ids (first n_ready entries valid)
+    data     [capacity, *sample_shape] rows, page-aligned
+
+State changes happen under a cross-process lock (flock on the file, which the kernel drops if its
+holder dies); row copies happen outside it. A writer copies only into slots it claimed (WRITING) and a
+reader only out of slots it claimed (READING), so no reader ever sees a half-written row. Picking k
+random slots is O(k): a uniform sample of positions in the free/ready list, then swap-remove from the
+tail. Nothing touches the data pages on creation, so start-up time does not depend on capacity.
+"""
+from __future__ import annotations
+
+import fcntl
+import math
+import mmap
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+FREE, WRITING, READY, READING = 0, 1, 2, 3
+MAGIC = 0x61637464_61746131  # "actdata1"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHM_DIR = "/dev/shm"
+_PAGE = 4096
+_HEADER_BYTES = _PAGE
+# header slots (int64 unless noted)
+(_MAGIC, _CAPACITY, _N_FREE, _N_READY, _N_WRITING, _N_READING, _WRITTEN, _READ, _EPOCH, _BATCHES,
+ _CONTEXTS_SEEN, _REFRESHED) = range(12)
+_F_CREATED, _F_MIX_SUM = 32, 33  # float64 slots
+
+
+class NotReady(RuntimeError):
+    """The buffer cannot serve this request yet (below min_fill, or fewer READY rows than asked)."""
+
+
+class BufferSpaceError(RuntimeError):
+    """The filesystem behind the buffer has less free space than the buffer needs."""
+
+
+def index_bytes(capacity: int) -> int:
+    """Bytes of header and per-slot index arrays for a buffer of `capacity` rows."""
+    return _layout(capacity, 0)["data"]
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _layout(capacity: int, row_bytes: int) -> dict:
+    off, out = _HEADER_BYTES, {}
+    for name, itemsize in (("state", 1), ("reads", 4), ("origin", 8), ("free", 8), ("ready", 8)):
+        out[name] = off
+        off = _align(off + capacity * itemsize, 64)
+    out["data"] = _align(off, _PAGE)
+    out["total"] = out["data"] + capacity * row_bytes
+    return out
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """Everything a process needs to attach to a buffer; small and picklable."""
+
+    path: str
+    capacity: int
+    sample_shape: tuple
+    dtype: str
+    min_fill: float = 0.0
+    max_reads: int = 1
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.sample_shape) * TORCH_DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return _layout(self.capacity, self.row_bytes)["total"]
+
+
+def segment_name(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{os.urandom(4).hex()}.buf"
+
+
+def reclaim_stale(directory: str, prefix: str) -> list[str]:
+    """Unlink buffer files of `prefix` (and their side files) whose creating process is gone."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-[0-9a-f]+\.buf(\..+)?$")
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_space(path: str, nbytes: int) -> None:
+    """Raise BufferSpaceError when the filesystem holding `path` cannot hold `nbytes` more."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise BufferSpaceError(
+            f"buffer.size: the buffer needs {nbytes / 1e9:.2f} GB but {directory} has {free / 1e9:.2f} GB free; "
+            "lower buffer.size or point buffer.path at a larger filesystem")
+
+
+class _ProcessLock:
+    """Exclusive lock across processes (flock) and threads; re-opened after fork, freed if a holder dies."""
+
+    def __init__(self, path: str):
+        self.path, self._pid, self._fd, self._thread_lock = path, None, None, threading.Lock()
+
+    def __enter__(self):
+        if self._pid != os.getpid():  # first use in this process (or after fork): own descriptor
+            self._thread_lock = threading.Lock()
+            self._fd, self._pid = os.open(self.path, os.O_RDWR), os.getpid()
+        self._thread_lock.acquire()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+    def close(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = self._pid = None
+
+
+class SharedActivationBuffer:
+    """A fixed-capacity pool of activation rows in shared memory. See the module docstring."""
+
+    def __init__(self, spec: BufferSpec, _mm: mmap.mmap, owner: bool):
+        self.spec, self.owner, self._mm = spec, owner, _mm
+        cap, lay = spec.capacity, _layout(spec.capacity, spec.row_bytes)
+        self._h = np.frombuffer(_mm, np.int64, _HEADER_BYTES // 8, 0)
+        self._hf = np.frombuffer(_mm, np.float64, _HEADER_BYTES // 8, 0)
+        if self._h[_MAGIC] not in (0, MAGIC) or (self._h[_MAGIC] == MAGIC and self._h[_CAPACITY] != cap):
+            raise ValueError(f"{spec.path} is not an actdata buffer of capacity {cap}")
+        self._state = np.frombuffer(_mm, np.int8, cap, lay["state"])
+        self._reads = np.frombuffer(_mm, np.int32, cap, lay["reads"])
+        self._origin = np.frombuffer(_mm, np.int64, cap, lay["origin"])
+        self._free = np.frombuffer(_mm, np.int64, cap, lay["free"])
+        self._ready = np.frombuffer(_mm, np.int64, cap, lay["ready"])
+        raw = torch.frombuffer(_mm, dtype=torch.uint8, count=cap * spec.row_bytes, offset=lay["data"])
+        self.data = raw.view(TORCH_DTYPES[spec.dtype]).view(cap, *spec.sample_shape)
+        self._lock = _ProcessLock(spec.path)
+        self._rng_pid, self._rng = None, None
+
+    # -- life cycle -----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, capacity: int, sample_shape, dtype: str = "float32", *, min_fill: float = 0.0,
+               max_reads: int = 1, path: Optional[str] = None, prefix: str = "actdata") -> "SharedActivationBuffer":
+        """Create a new buffer file. `path`: None = /dev/shm, a directory, or a file path to create."""
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+        directory = path or SHM_DIR
+        file_path = os.path.join(directory, segment_name(prefix)) if os.path.isdir(directory) else directory
+        spec = BufferSpec(file_path, int(capacity), tuple(int(x) for x in sample_shape), dtype,
+                          float(min_fill), int(max_reads))
+        check_space(file_path, spec.nbytes)
+        fd = os.open(file_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, spec.nbytes)  # sparse: no page is touched until written
+            mm = mmap.mmap(fd, spec.nbytes)
+        except BaseException:
+            os.close(fd)
+            os.unlink(file_path)
+            raise
+        os.close(fd)
+        buf = cls(spec, mm, owner=True)
+        buf._free[:] = np.arange(spec.capacity, dtype=np.int64)
+        buf._h[_CAPACITY], buf._h[_N_FREE] = spec.capacity, spec.capacity
+        buf._hf[_F_CREATED] = time.time()
+        buf._h[_MAGIC] = MAGIC
+        return buf
+
+    @classmethod
+    def attach(cls, spec: BufferSpec) -> "SharedActivationBuffer":
+        fd = os.open(spec.path, os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, spec.nbytes)
+        finally:
+            os.close(fd)
+        return cls(spec, mm, owner=False)
+
+    def close(self) -> None:
+        """Detach; the owner also removes the file."""
+        self._lock.close()
+        if self.owner:
+            self.unlink()
+        self.data = self._h = self._hf = None  # drop views of the map before closing it
+        self._state = self._reads = self._origin = self._free = self._ready = None
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view of the rows; the map goes with it
+            pass
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.spec.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- writers ----------------------------------------------------------------------------------
+    def claim_free(self, k: int) -> np.ndarray:
+        """Claim up to k random FREE slots (fewer if fewer are free) and mark them WRITING."""
+        with self._lock:
+            k = min(int(k), int(self._h[_N_FREE]))
+            ids = self._take(self._free, _N_FREE, k)
+            self._state[ids] = WRITING
+            self._h[_N_WRITING] += k
+        return ids
+
+    def commit(self, ids: np.ndarray, origin: Optional[np.ndarray] = None) -> None:
+        """Mark claimed slots READY (their rows are fully written)."""
+        with self._lock:
+            self._origin[ids] = -1 if origin is None else origin
+            self._reads[ids] = 0
+            self._state[ids] = READY
+            self._put(self._ready, _N_READY, ids)
+            self._h[_N_WRITING] -= len(ids)
+            self._h[_WRITTEN] += len(ids)
+
+    def write(self, rows: torch.Tensor, origin: Optional[np.ndarray] = None,
+              stop: Optional[threading.Event] = None, poll_s: float = 0.002,
+              on_wait: Optional[Callable[[], None]] = None) -> int:
+        """Write rows into random FREE slots, waiting for slots as needed (calling `on_wait` while
+        the buffer is full); returns rows written (fewer only when `stop` is set while waiting)."""
+        rows = rows.reshape(len(rows), *self.spec.sample_shape)
+        done = 0
+        while done < len(rows):
+            ids = self.claim_free(len(rows) - done)
+            if len(ids) == 0:
+                if on_wait is not None:
+                    on_wait()
+                if stop is not None and stop.wait(poll_s):
+                    break
+                if stop is None:
+                    time.sleep(poll_s)
+                continue
+            part = rows[done:done + len(ids)]
+            self.data.index_copy_(0, torch.from_numpy(ids), part.to(self.data.dtype))
+            self.commit(ids, None if origin is None else origin[done:done + len(ids)])
+            done += len(ids)
+        return done
+
+    # -- readers ----------------------------------------------------------------------------------
+    def claim_ready(self, k: int) -> tuple[np.ndarray, int]:
+        """Claim k random READY slots and mark them READING; returns (ids, epoch).
+        Raises NotReady below min_fill or when fewer than k rows are READY."""
+        with self._lock:
+            n_ready = int(self._h[_N_READY])
+            if n_ready < self.spec.min_fill * self.spec.capacity:
+                raise NotReady(f"buffer filling: {n_ready}/{self.spec.capacity} rows ready, serving starts at "
+                               f"min_fill={self.spec.min_fill:g}")
+            if n_ready < k:
+                raise NotReady(f"only {n_ready} rows ready, {k} asked")
+            ids = self._take(self._ready, _N_READY, int(k))
+            self._state[ids] = READING
+            self._h[_N_READING] += len(ids)
+            return ids, int(self._h[_EPOCH])
+
+    def release(self, ids: np.ndarray, epoch: int) -> None:
+        """Return read slots: FREE once their read budget is spent (or a refresh happened), else READY."""
+        with self._lock:
+            self._reads[ids] += 1
+            spent = (self._reads[ids] >= self.spec.max_reads) | (epoch != self._h[_EPOCH])
+            gone, back = ids[spent], ids[~spent]
+            self._state[gone] = FREE
+            self._put(self._free, _N_FREE, gone)
+            self._state[back] = READY
+            self._put(self._ready, _N_READY, back)
+            self._h[_N_READING] -= len(ids)
+            self._h[_READ] += len(ids)
+            origins = self._origin[ids]
+            if len(ids) and origins[0] >= 0:
+                self._h[_BATCHES] += 1
+                self._hf[_F_MIX_SUM] += len(np.unique(origins)) / len(ids)
+
+    def read(self, k: int, out: Optional[torch.Tensor] = None) -> tuple[np.ndarray, torch.Tensor]:
+        """Serve k random READY rows: (slot ids, rows [k, *sample_shape]), copied into `out` if given."""
+        ids, epoch = self.claim_ready(k)
+        try:
+            if out is None:
+                out = torch.empty((len(ids), *self.spec.sample_shape), dtype=self.data.dtype)
+            torch.index_select(self.data, 0, torch.from_numpy(ids), out=out[:len(ids)])
+        finally:
+            self.release(ids, epoch)
+        return ids, out[:len(ids)]
+
+    # -- control ----------------------------------------------------------------------------------
+    def refresh(self) -> int:
+        """Mark every READY row for regeneration (FREE); rows being read are freed when released.
+        Returns the number of rows dropped."""
+        with self._lock:
+            n = int(self._h[_N_READY])
+            ids = self._ready[:n].copy()
+            self._state[ids] = FREE
+            self._put(self._free, _N_FREE, ids)
+            self._h[_N_READY] = 0
+            self._h[_EPOCH] += 1
+            self._h[_REFRESHED] += n
+        return n
+
+    def note_contexts(self, n: int) -> None:
+        """Writers count the contexts (sequences) they consumed."""
+        with self._lock:
+            self._h[_CONTEXTS_SEEN] += n
+
+    def stats(self) -> dict:
+        h, cap = self._h, self.spec.capacity
+        batches = int(h[_BATCHES])
+        return {
+            "capacity": cap,
+            "sample_shape": list(self.spec.sample_shape),
+            "dtype": self.spec.dtype,
+            "row_bytes": self.spec.row_bytes,
+            "bytes": cap * self.spec.row_bytes,
+            "backing": self.spec.path,
+            "free": int(h[_N_FREE]),
+            "writing": int(h[_N_WRITING]),
+            "ready": int(h[_N_READY]),
+            "reading": int(h[_N_READING]),
+            "fill": int(h[_N_READY]) / cap,
+            "min_fill": self.spec.min_fill,
+            "max_reads": self.spec.max_reads,
+            "serving": int(h[_N_READY]) >= self.spec.min_fill * cap and int(h[_N_READY]) > 0,
+            "rows_written": int(h[_WRITTEN]),
+            "rows_read": int(h[_READ]),
+            "rows_refreshed": int(h[_REFRESHED]),
+            "refresh_epoch": int(h[_EPOCH]),
+            "contexts_seen": int(h[_CONTEXTS_SEEN]),
+            "batch_mixing": (float(self._hf[_F_MIX_SUM]) / batches) if batches else None,
+            "created_at": float(self._hf[_F_CREATED]),
+        }
+
+    def states(self) -> np.ndarray:
+        """A copy of the per-slot state array (for tests and debugging)."""
+        with self._lock:
+            return self._state.copy()
+
+    # -- index lists (call under the lock) ------------------------------------------------------
+    def _random(self) -> np.random.Generator:
+        if self._rng_pid != os.getpid():  # fresh stream per process: forked children must not agree
+            self._rng, self._rng_pid = np.random.default_rng(), os.getpid()
+        return self._rng
+
+    def _take(self, lst: np.ndarray, count_slot: int, k: int) -> np.ndarray:
+        """Remove k uniformly random entries from lst[:n] in O(k) and return them."""
+        n = int(self._h[count_slot])
+        if k <= 0:
+            return np.empty(0, np.int64)
+        pos = self._random().choice(n, size=k, replace=False, shuffle=False)
+        taken = lst[pos].copy()
+        tail = n - k
+        keep = np.ones(k, dtype=bool)
+        keep[pos[pos >= tail] - tail] = False  # tail entries that were themselves taken
+        lst[pos[pos < tail]] = lst[tail:n][keep]  # fill the holes with the surviving tail
+        self._h[count_slot] = tail
+        return taken
+
+    def _put(self, lst: np.ndarray, count_slot: int, ids: np.ndarray) -> None:
+        n = int(self._h[count_slot])
+        lst[n:n + len(ids)] = ids
+        self._h[count_slot] = n + len(ids)
+
+
