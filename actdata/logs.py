@@ -1,0 +1,97 @@
+"""Process plumbing shared by the server's processes: logging to console and file, and making sure
+no child outlives the server (parent-death signal, descendants killed on shutdown)."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def setup_logging(level: str = "INFO", log_file: Optional[str] = None) -> None:
+    """Console (stderr) and, when given, an appended log file; idempotent per process."""
+    root = logging.getLogger("actdata")
+    root.setLevel(level.upper())
+    root.propagate = False
+    if getattr(root, "_actdata_pid", None) == os.getpid():
+        return
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(console)
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter(_FORMAT))
+        root.addHandler(fh)
+    root._actdata_pid = os.getpid()
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (so a SIGKILLed server leaves no
+    orphans). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_descendants(timeout: float = 3.0) -> None:
+    """SIGTERM every descendant of this process, then SIGKILL those left after `timeout`."""
+    pids = descendants(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            _reap()
+            pids = [p for p in pids if _exists(p)]
+            if not pids:
+                return
+            time.sleep(0.05)
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

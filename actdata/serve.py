@@ -1,0 +1,229 @@
+"""The entry point: `python -m actdata.serve +preset=test key=value ...` (Hydra), or `serve(cfg)` from Python.
+
+Order of work: compose and validate the config, derive the row shape, print the memory estimate,
+reclaim segments of killed runs, check the space and create the shared buffer, then run LitServe
+(generator workers + HTTP processes) until Ctrl-C / SIGTERM, and finally stop every child process and
+unlink the buffer. Nothing is allocated before the config has been checked.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from typing import Optional
+
+from .config import Config, ConfigError, estimate_bytes, human_bytes, synthetic_shape, to_config, validate
+
+log = logging.getLogger("actdata.serve")
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def sample_shape(cfg: Config) -> tuple[int, ...]:
+    """The row shape: from the config for the synthetic source, from the model's config otherwise."""
+    if cfg.generator.source == "synthetic":
+        return synthetic_shape(cfg)
+    from .capture import sample_shape as model_shape
+
+    return tuple(model_shape(cfg))
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _announce_when_up(url: str, ready_file: Optional[str], stop: threading.Event) -> None:
+    """Log the URL (and write the ready file) once the HTTP processes answer."""
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(url + "/", timeout=1.0) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        stop.wait(0.1)
+    else:
+        return
+    log.info("actdata serving on %s (GET /stats, /activations/tensor?num_samples=N)", url)
+    if ready_file:
+        tmp = ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"url": url, "port": int(url.rsplit(":", 1)[1]), "pid": os.getpid()}, f)
+        os.replace(tmp, ready_file)
+
+
+def serve(cfg: Config) -> None:
+    """Run the server until interrupted. Raises ConfigError / BufferSpaceError before allocating."""
+    from .buffer import SharedActivationBuffer, SHM_DIR, reclaim_stale
+    from .logs import kill_descendants, setup_logging
+
+    setup_logging(cfg.log_level, cfg.server.log_file)
+    validate(cfg)
+    shape = sample_shape(cfg)
+    b = cfg.buffer
+    backing = b.path or SHM_DIR
+    log.info("buffer: %d rows x %s %s = %s (with index) in %s", b.size, list(shape), b.dtype,
+             human_bytes(estimate_bytes(cfg, shape)), backing)
+    api_key = cfg.server.api_key or os.environ.get("ACTDATA_API_KEY") or None
+    if cfg.server.host in ("0.0.0.0", "::") and not api_key:
+        log.warning("bound to all interfaces without an API key: anyone who can reach port %s can read and "
+                    "refresh the buffer (set server.api_key or ACTDATA_API_KEY)", cfg.server.port)
+    port = cfg.server.port or _free_port(cfg.server.host)
+    if os.path.isdir(backing):
+        for name in reclaim_stale(backing, b.prefix):
+            log.warning("reclaimed %s left by a run that was killed", name)
+
+    buffer = SharedActivationBuffer.create(b.size, shape, b.dtype, min_fill=b.min_fill, max_reads=b.max_reads,
+                                           path=b.path, prefix=b.prefix)
+    stop = threading.Event()
+    try:
+        from .generator import remove_statuses
+        from .server import build_server
+
+        os.register_at_fork(after_in_child=_forked_child)  # forked HTTP processes die with us
+        signal.signal(signal.SIGTERM, _interrupt)
+        server = build_server(cfg, buffer, api_key)
+        host = "127.0.0.1" if cfg.server.host == "0.0.0.0" else ("::1" if cfg.server.host == "::" else cfg.server.host)
+        url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        threading.Thread(target=_announce_when_up, args=(url, cfg.server.ready_file, stop), daemon=True).start()
+        server.run(host=cfg.server.host, port=port, num_api_servers=cfg.server.workers,
+                   generate_client_file=False, log_level=cfg.log_level.lower(), access_log=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for name in ("litserve", "litserve.server"):  # its monitor thread trips over the closed manager
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        log.info("stopping: terminating child processes and removing %s", buffer.spec.path)
+        kill_descendants()
+        remove_statuses(buffer.spec)
+        buffer.close()
+        if cfg.server.ready_file:
+            try:
+                os.unlink(cfg.server.ready_file)
+            except OSError:
+                pass
+
+
+class ServerProcess:
+    """The server in a child process (its own session), for Python callers, tests and benchmarks:
+
+        with ServerProcess(["+preset=test", "generator.source=synthetic"]) as srv:
+            ActivationClient(srv.url)...
+
+    The port defaults to 0 (any free port); `url` is read from the server's ready file. `stop()` sends
+    SIGTERM and waits; whatever is left of its process group after `timeout` is killed.
+    """
+
+    def __init__(self, overrides: list[str] = (), timeout: float = 180.0, env: Optional[dict] = None,
+                 log_path: Optional[str] = None):
+        import subprocess
+        import tempfile
+
+        self._dir = tempfile.mkdtemp(prefix="actdata-server-")
+        self.ready_file = os.path.join(self._dir, "ready.json")
+        self.log_path = log_path or os.path.join(self._dir, "server.log")
+        args = list(overrides)
+        if not any(a.startswith("server.port=") for a in args):
+            args.append("server.port=0")
+        if not any(a.startswith("server.log_file=") for a in args):
+            args.append("server.log_file=null")
+        args.append(f"server.ready_file={self.ready_file}")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.url, self.port = None, None
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if os.path.exists(self.ready_file):
+                with open(self.ready_file) as f:
+                    info = json.load(f)
+                self.url, self.port = info["url"], info["port"]
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        code = self.proc.poll()
+        self.stop()
+        raise RuntimeError(f"server did not start (exit code {code}); log:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read()[-n:].decode(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM the server, wait for it; returns its exit code."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything of its group still alive
+        except (ProcessLookupError, PermissionError):
+            pass
+        if code is None:
+            code = self.proc.wait(5)
+        self._log.close()
+        return code
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _forked_child() -> None:
+    """In each forked child (LitServe's HTTP processes): default SIGTERM, and die with the server."""
+    from .logs import die_with_parent
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+
+
+def main() -> None:
+    import hydra
+
+    from .config import register
+
+    register()
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+    def _main(node) -> None:
+        try:
+            serve(to_config(node))
+        except ConfigError as e:
+            print(f"actdata: bad config: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as e:  # space and allocation errors: one clear line, no traceback
+            from .buffer import BufferSpaceError
+
+            if isinstance(e, BufferSpaceError):
+                print(f"actdata: {e}", file=sys.stderr)
+                sys.exit(2)
+            raise
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The LitServe server: generators in LitServe's device workers, the data plane on plain routes.
+
+- `GeneratorWorker` (a LitAPI): LitServe starts one per device; its `setup(device)` starts the
+  generation loop (actdata.generator) in a background thread, so there is one generator per GPU (or one
+  on the CPU) for free. Its LitAPI endpoint `POST /generator` answers with that worker's status.
+- The data plane: GET routes added to LitServe's FastAPI app. They run in every HTTP process (LitServe
+  forks `server.workers` of them on one port), each reading the shared buffer directly: a request never
+  crosses a process boundary, is never pickled, JSON-encoded or gzipped on the tensor route.
+
+Routes: GET / (health), GET /stats, GET /activations (JSON), GET /activations/tensor (raw bytes, see
+actdata.wire), POST /refresh, GET /metrics is added by the observability layer when present.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Optional
+
+import litserve as ls
+from fastapi import Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.middleware.gzip import GZipMiddleware
+
+from . import __version__, wire
+from .buffer import BufferSpec, NotReady, SharedActivationBuffer
+from .config import Config
+from .generator import read_statuses, run_supervised
+
+log = logging.getLogger("actdata.server")
+
+
+class GeneratorWorker(ls.LitAPI):
+    """LitServe's device worker, used for what needs a device: it runs one generator."""
+
+    def __init__(self, cfg: Config, spec: BufferSpec):
+        super().__init__(api_path="/generator")
+        self.cfg, self.buffer_spec = cfg, spec
+
+    def setup(self, device: str) -> None:
+        from .logs import setup_logging, die_with_parent
+
+        die_with_parent()
+        setup_logging(self.cfg.log_level, self.cfg.server.log_file)
+        self._stop = threading.Event()
+        index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        self._thread = threading.Thread(target=run_supervised, name="actdata-generator", daemon=True,
+                                        args=(self.cfg, self.buffer_spec, str(device), index, self._stop))
+        self._thread.start()
+
+        def _exit(signum, frame):  # stop the loop so it publishes 'stopped', then leave
+            self._stop.set()
+            self._thread.join(timeout=2.0)
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, _exit)
+        signal.signal(signal.SIGINT, _exit)
+        log.info("generator worker %d started on %s (pid %d)", index, device, os.getpid())
+
+    def decode_request(self, request):
+        return request
+
+    def predict(self, x):
+        mine = [s for s in read_statuses(self.buffer_spec) if s.get("pid") == os.getpid()]
+        return {"generator": mine[0] if mine else None}
+
+    def encode_response(self, output):
+        return output
+
+
+class _Rates:
+    """Rows/s in and out of the buffer over the last ~10 s, from the buffer's shared counters."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, int, int]] = []
+
+    def update(self, stats: dict) -> dict:
+        now = time.time()
+        self.samples.append((now, stats["rows_written"], stats["rows_read"]))
+        self.samples = [s for s in self.samples if now - s[0] <= 10.0]
+        t0, w0, r0 = self.samples[0]
+        if now - t0 < 0.5:  # too short a window: average over the buffer's life
+            t0, w0, r0 = stats["created_at"], 0, 0
+        dt = max(now - t0, 1e-9)
+        rows_out = (stats["rows_read"] - r0) / dt
+        return {"rows_per_s_in": (stats["rows_written"] - w0) / dt, "rows_per_s_out": rows_out,
+                "bytes_per_s_out": rows_out * stats["row_bytes"]}
+
+
+def _error(status: int, detail: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
+    """The data plane and control routes, on LitServe's FastAPI app (before it is run)."""
+    spec = buffer.spec
+    max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
+                          cfg.server.max_bytes_per_request // spec.row_bytes))
+    rates = _Rates()
+    started = time.time()
+    retry = {"Retry-After": str(cfg.server.retry_after_s)}
+    NumSamples = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_rows})")
+
+    def not_ready(e: NotReady) -> JSONResponse:
+        return _error(503, str(e), retry)
+
+    def generators_summary() -> tuple[str, list[dict]]:
+        gens = read_statuses(spec)
+        states = {g["state"] for g in gens}
+        st = buffer.stats()
+        if gens and states <= {"failed", "dead", "stopped"} and not st["serving"]:
+            return "failed", gens
+        if not st["serving"]:
+            return "filling", gens
+        if states & {"failed", "dead", "restarting"}:
+            return "degraded", gens
+        return "ok", gens
+
+    @app.get("/", summary="Health and status")
+    def health():
+        status, gens = generators_summary()
+        st = buffer.stats()
+        return {"status": status, "serving": st["serving"], "fill": st["fill"], "ready": st["ready"],
+                "capacity": st["capacity"], "sample_shape": st["sample_shape"], "dtype": st["dtype"],
+                "generators": [{k: g.get(k) for k in ("name", "device", "state", "last_error")} for g in gens],
+                "version": __version__}
+
+    @app.get("/stats", summary="Buffer, generator and serving statistics")
+    def stats():
+        st = buffer.stats()
+        st["generators"] = read_statuses(spec)
+        st["server"] = {"pid": os.getpid(), "http_workers": cfg.server.workers, "uptime_s": time.time() - started,
+                        "max_samples_per_request": max_rows, **rates.update(st)}
+        return st
+
+    @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype)",
+             response_class=Response, responses={200: {"content": {wire.MEDIA_TYPE: {}}}})
+    def activations_tensor(num_samples: int = NumSamples):
+        try:
+            _, rows = buffer.read(num_samples)
+        except NotReady as e:
+            return not_ready(e)
+        body, headers = wire.encode(rows)
+        return Response(content=body, media_type=wire.MEDIA_TYPE, headers=headers)
+
+    @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)")
+    def activations_json(num_samples: int = NumSamples):
+        try:
+            ids, rows = buffer.read(num_samples)
+        except NotReady as e:
+            return not_ready(e)
+        return {"activations": rows.float().tolist(), "shape": list(rows.shape), "dtype": spec.dtype,
+                "num_samples": len(ids), "indices": ids.tolist(), "buffer_stats": buffer.stats()}
+
+    @app.post("/refresh", summary="Drop every ready row so that it is regenerated")
+    def refresh():
+        n = buffer.refresh()
+        log.info("refresh: %d ready rows marked for regeneration", n)
+        return {"refreshed": n, "status": "ok"}
+
+    async def validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body", "path"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+class _BearerAuth:
+    """ASGI middleware: every route but `GET /` needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not (scope["path"] == "/" and scope["method"] in ("GET", "HEAD")):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if auth != self.expected:
+                await JSONResponse({"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+                                   status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_server(cfg: Config, buffer: SharedActivationBuffer, api_key: Optional[str] = None) -> ls.LitServer:
+    """A LitServer with one generator worker per device and the data-plane routes."""
+    server = ls.LitServer(GeneratorWorker(cfg, buffer.spec), accelerator=cfg.server.accelerator,
+                          devices=cfg.server.devices, workers_per_device=1, timeout=30, track_requests=False)
+    app = server.app
+    # LitServe gzips every response when no API streams; tensor bytes do not compress and JSON is
+    # for inspection only, so drop the middleware from the data path entirely.
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not GZipMiddleware]
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # ours is GET /
+    add_routes(app, buffer, cfg)
+    if api_key:
+        app.add_middleware(_BearerAuth, key=api_key)
+    return server

@@ -1,0 +1,51 @@
+import os
+import signal
+
+import pytest
+
+from actdata.serve import ServerProcess
+
+SYNTHETIC = ["+preset=test", "generator.source=synthetic"]
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def shm_files(pid: int, directory: str = "/dev/shm") -> list[str]:
+    return [n for n in os.listdir(directory) if n.startswith(f"actdata-{pid}-")]
+
+
+@pytest.fixture
+def start_server():
+    """start_server(*overrides) -> a running ServerProcess (synthetic source unless overridden)."""
+    started = []
+
+    def start(*overrides, base=SYNTHETIC, **kw):
+        srv = ServerProcess([*base, *overrides], **kw)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def synthetic_server():
+    """One shared synthetic server: 4,000 rows x 768 float32, min_fill 0.25."""
+    srv = ServerProcess([*SYNTHETIC, "buffer.size=4000", "buffer.min_fill=0.25"])
+    yield srv
+    srv.stop()

@@ -1,0 +1,109 @@
+"""The Hydra config: presets compose, the env preset reads the environment, bad values name the key."""
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from actdata.config import Config, ConfigError, register, to_config, validate
+from actdata.serve import CONF_DIR
+
+register()
+
+
+def load(*overrides) -> Config:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("preset,size,dim,dtype", [
+    ("test", 1_000, None, "float32"),
+    ("production", 1_000_000, 4096, "float32"),
+    ("large-scale", 10_000_000, 4096, "float16"),
+])
+def test_presets_compose(preset, size, dim, dtype):
+    cfg = load(f"+preset={preset}")
+    validate(cfg)
+    assert (cfg.buffer.size, cfg.buffer.activation_dim, cfg.buffer.dtype) == (size, dim, dtype)
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000 and cfg.buffer.max_reads == 1
+
+
+def test_test_preset_synthetic_is_1000_by_768():
+    from actdata.serve import sample_shape
+
+    cfg = load("+preset=test", "generator.source=synthetic")
+    assert cfg.buffer.size == 1000 and sample_shape(cfg) == (768,)
+
+
+def test_env_preset_reads_the_environment(monkeypatch):
+    for k, v in {"BUFFER_SIZE": "4096", "ACTIVATION_DIM": "512", "MODEL_NAME": "/models/gpt2",
+                 "DATASET_NAME": "/data/corpus.jsonl", "HOST": "0.0.0.0", "PORT": "9123"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load("+preset=env")
+    validate(cfg)
+    assert (cfg.buffer.size, cfg.buffer.activation_dim) == (4096, 512)
+    assert (cfg.model.name, cfg.dataset.name) == ("/models/gpt2", "/data/corpus.jsonl")
+    assert (cfg.server.host, cfg.server.port) == ("0.0.0.0", 9123)
+
+
+def test_env_preset_defaults(monkeypatch):
+    for k in ("BUFFER_SIZE", "ACTIVATION_DIM", "MODEL_NAME", "DATASET_NAME", "HOST", "PORT", "GENERATOR_SOURCE"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = load("+preset=env")
+    assert (cfg.buffer.size, cfg.model.name, cfg.dataset.name, cfg.server.port) == (2048, "embedded", "embedded", 8000)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("buffer.size=-5", "buffer.size"),
+    ("buffer.size=0", "buffer.size"),
+    ("buffer.dtype=int8", "buffer.dtype"),
+    ("buffer.min_fill=1.5", "buffer.min_fill"),
+    ("buffer.max_reads=0", "buffer.max_reads"),
+    ("server.port=70000", "server.port"),
+    ("server.host=example.com", "server.host"),
+    ("server.workers=0", "server.workers"),
+    ("generator.source=magic", "generator.source"),
+    ("generator.sites=[nowhere]", "generator.sites"),
+    ("generator.layers=[-1]", "generator.layers"),
+    ("model.dtype=float64", "model.dtype"),
+    ("log_level=LOUD", "log_level"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        validate(load("+preset=test", override))
+    assert str(e.value).startswith(key + ":")
+
+
+def _serve(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "actdata.serve", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_cli_bad_value_stops_before_allocating(tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    r = _serve("+preset=test", "generator.source=synthetic", "buffer.size=-5", "server.log_file=null", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "buffer.size" in r.stderr and "Traceback" not in r.stderr
+    assert set(os.listdir("/dev/shm")) == before
+
+
+def test_cli_buffer_larger_than_shm_is_a_clear_error(tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    r = _serve("+preset=test", "generator.source=synthetic", "buffer.size=100000000", "buffer.activation_dim=4096",
+               "server.log_file=null", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "buffer.size" in r.stderr and "GB free" in r.stderr and "Traceback" not in r.stderr
+    assert set(os.listdir("/dev/shm")) == before
+
+
+def test_cli_type_error_names_the_key(tmp_path):
+    r = _serve("+preset=test", "buffer.size=lots", cwd=tmp_path)
+    assert r.returncode != 0 and "buffer.size" in r.stderr
+
+
+def test_cli_prints_composed_config_and_leaves_no_outputs(tmp_path):
+    r = _serve("+preset=production", "--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "size: 1000000" in r.stdout and "activation_dim: 4096" in r.stdout
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()
