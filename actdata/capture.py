@@ -326,6 +326,32 @@ class Capture:
         self._handles = []
 
 
+def compile_blocks(model: torch.nn.Module, plan: Plan) -> int:
+    """torch.compile the forward of every block that holds no capture site inside it (hooks on the
+    block itself stay outside the compiled code, so resid_pre/resid_post and early stopping still
+    work). Compilation happens lazily on the first forward. Returns the number of blocks compiled."""
+    import torch._dynamo
+
+    n_blocks = int(model.config.num_hidden_layers)
+    path = blocks_path(model, n_blocks)
+    if path is None:
+        return 0
+    cfg = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):  # one compiled entry per block instance
+        if hasattr(cfg, limit):
+            setattr(cfg, limit, max(getattr(cfg, limit), 2 * n_blocks + 8))
+    modules = dict(model.named_modules())
+    compiled = 0
+    for i in range(n_blocks):
+        name = f"{path}.{i}" if path else str(i)
+        if any(s.module.startswith(name + ".") for s in plan.sites):
+            continue
+        block = modules[name]
+        block.forward = torch.compile(block.forward, dynamic=False)
+        compiled += 1
+    return compiled
+
+
 class OutlierFilter:
     """Drops rows with a vector whose norm exceeds `factor` x the running median norm of its site."""
 
@@ -365,6 +391,8 @@ class ModelSource:
         self.plan = make_plan(cfg, self.model, self.model.config)
         check_buffer(cfg, self.plan)
         self.dtype = TORCH_DTYPES[cfg.buffer.dtype]
+        if g.compile:
+            compile_blocks(self.model, self.plan)
         self.capture = Capture(self.model, self.plan, self.dtype)
         self.special_ids = set(self.tokenizer.all_special_ids)
         self.outliers = OutlierFilter(g.outlier_factor) if g.outlier_factor else None
@@ -408,11 +436,14 @@ class ModelSource:
                             None if mask is None else mask.to(dev, non_blocking=True),
                             flat.to(dev, non_blocking=True))
         event = None
-        if staging is not None:  # CUDA: async copy into pinned memory; the next forward overlaps it
+        if staging is not None:  # CUDA: copy to pinned memory on a side stream; the next forward overlaps it
             host = staging[:len(rows)]
-            host.copy_(rows, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            self._copy_stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(self._copy_stream):
+                host.copy_(rows, non_blocking=True)
+                rows.record_stream(self._copy_stream)  # not reused by the allocator before the copy ends
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
             rows = host
         return rows, origin, info, event
 
@@ -457,6 +488,7 @@ class ModelSource:
             try:
                 if cuda:
                     torch.cuda.set_device(self.device)
+                    self._copy_stream = torch.cuda.Stream(self.device)
                 pending = None  # CUDA: the item whose copy is in flight while the next forward runs
                 while not stop.is_set():
                     try:

@@ -79,3 +79,16 @@ def test_run_supervised_fills_a_shared_buffer_with_real_rows():
         remove_statuses(spec)
         buf.close()
     assert not t.is_alive()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rows_match_cpu_rows():
+    cfg = embedded_cfg(layers=[4])
+    cpu_rows, cpu_origin, _ = next(iter(ModelSource(cfg, "cpu", 0)))
+    items = iter(ModelSource(cfg, "cuda:0", 0))
+    rows, origin, _ = next(items)
+    rows = rows.clone()  # staging memory is reused once the next item is asked for
+    items.close()
+    assert rows.device.type == "cpu" and rows.is_pinned()
+    assert origin.tolist() == cpu_origin.tolist()
+    torch.testing.assert_close(rows, cpu_rows, atol=1e-2, rtol=1e-2)
