@@ -7,6 +7,7 @@ This is the harness for integrity and speed tests and the server's `generator.so
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Iterator, Optional
@@ -18,16 +19,29 @@ ID_DIGITS = 6  # base-256 digits: ids < 2**48
 CONTEXT_ROWS = 64  # rows that share an origin (a pretend context), for the batch-mixing statistic
 
 
+_PERIOD = 65521  # prime: a row's body is a window into a fixed pseudo-random sequence of this period
+
+
+@functools.lru_cache(maxsize=8)
+def _sequence(n: int, dtype: torch.dtype) -> np.ndarray:
+    """The pseudo-random sequence, extended to _PERIOD + n values, as raw integer words of `dtype`."""
+    j = torch.arange(_PERIOD + n, dtype=torch.int64) % _PERIOD
+    vals = ((j * 104_729) % _PERIOD - _PERIOD // 2).to(torch.float32) / (_PERIOD / 8)  # in [-4, 4)
+    words = torch.int16 if dtype.itemsize == 2 else torch.int32
+    return vals.to(dtype).view(words).numpy()
+
+
 def make_rows(ids: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [len(ids), *shape] of `dtype`, each determined by its id."""
+    """Rows [len(ids), *shape] of `dtype`, each determined by its id: the id's base-256 digits, then
+    the window of the pseudo-random sequence that starts at a hash of the id."""
     ids = ids.to(torch.int64)
     n = math.prod(shape)
-    pos = torch.arange(n, dtype=torch.int64)
-    body = ((ids[:, None] % 1_000_003) * 7919 + pos[None, :] * 104_729) % 1021
-    vals = (body - 510).to(torch.float32) / 128.0
+    seq = _sequence(n, dtype)
+    start = ((ids % _PERIOD) * 40_503 % _PERIOD).numpy()
+    rows = torch.from_numpy(np.lib.stride_tricks.sliding_window_view(seq, n)[start]).view(dtype)
     shifts = torch.arange(ID_DIGITS, dtype=torch.int64) * 8
-    vals[:, :ID_DIGITS] = ((ids[:, None] >> shifts[None, :]) & 255).to(torch.float32)
-    return vals.to(dtype).view(len(ids), *shape)
+    rows[:, :ID_DIGITS] = ((ids[:, None] >> shifts[None, :]) & 255).to(dtype)
+    return rows.view(len(ids), *shape)
 
 
 def row_ids(rows: torch.Tensor) -> torch.Tensor:
