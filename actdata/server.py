@@ -20,9 +20,11 @@ import time
 from typing import Optional
 
 import litserve as ls
+import torch
 from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.middleware.gzip import GZipMiddleware
 
 from . import __version__, wire
@@ -90,6 +92,33 @@ class _Rates:
                 "bytes_per_s_out": rows_out * stats["row_bytes"]}
 
 
+class _ResponseTensors:
+    """Reusable response tensors for one HTTP process. A fresh 12 MB tensor per request costs ~1 ms of
+    page faults; a tensor goes back to the pool once its response has been sent (not before: the
+    response body is a view of it)."""
+
+    def __init__(self, sample_shape: tuple, dtype: torch.dtype, keep: int = 4):
+        self.sample_shape, self.dtype, self.keep = sample_shape, dtype, keep
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def get(self, k: int) -> torch.Tensor:
+        with self.lock:
+            fits = [i for i, t in enumerate(self.free) if len(t) >= k]
+            if fits:
+                return self.free.pop(min(fits, key=lambda i: len(self.free[i])))
+        return torch.empty((k, *self.sample_shape), dtype=self.dtype)
+
+    def put(self, t: torch.Tensor) -> None:
+        with self.lock:
+            if len(self.free) < self.keep:
+                self.free.append(t)
+            else:  # keep the largest ones
+                i = min(range(len(self.free)), key=lambda i: len(self.free[i]))
+                if len(self.free[i]) < len(t):
+                    self.free[i] = t
+
+
 def _error(status: int, detail: str, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -100,6 +129,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
                           cfg.server.max_bytes_per_request // spec.row_bytes))
     rates = _Rates()
+    pool = _ResponseTensors(spec.sample_shape, buffer.data.dtype)
     started = time.time()
     retry = {"Retry-After": str(cfg.server.retry_after_s)}
     NumSamples = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_rows})")
@@ -138,13 +168,16 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
 
     @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype)",
              response_class=Response, responses={200: {"content": {wire.MEDIA_TYPE: {}}}})
-    def activations_tensor(num_samples: int = NumSamples):
+    async def activations_tensor(num_samples: int = NumSamples):
+        out = pool.get(num_samples)
         try:
-            _, rows = buffer.read(num_samples)
+            _, rows = buffer.read(num_samples, out=out)
         except NotReady as e:
+            pool.put(out)
             return not_ready(e)
         body, headers = wire.encode(rows)
-        return Response(content=body, media_type=wire.MEDIA_TYPE, headers=headers)
+        return Response(content=body, media_type=wire.MEDIA_TYPE, headers=headers,
+                        background=BackgroundTask(pool.put, out))
 
     @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)")
     def activations_json(num_samples: int = NumSamples):
@@ -190,7 +223,9 @@ class _BearerAuth:
 def build_server(cfg: Config, buffer: SharedActivationBuffer, api_key: Optional[str] = None) -> ls.LitServer:
     """A LitServer with one generator worker per device and the data-plane routes."""
     server = ls.LitServer(GeneratorWorker(cfg, buffer.spec), accelerator=cfg.server.accelerator,
-                          devices=cfg.server.devices, workers_per_device=1, timeout=30, track_requests=False)
+                          devices=cfg.server.devices, workers_per_device=1, timeout=30, track_requests=False,
+                          restart_workers=True)  # a killed generator worker is started again
+    server.uvicorn_graceful_timeout = 2  # keep-alive clients must not hold a shutdown for 30 s
     app = server.app
     # LitServe gzips every response when no API streams; tensor bytes do not compress and JSON is
     # for inspection only, so drop the middleware from the data path entirely.
