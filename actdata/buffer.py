@@ -135,7 +135,7 @@ def check_space(path: str, nbytes: int) -> None:
             "lower buffer.size or point buffer.path at a larger filesystem")
 
 
-class _ProcessLock:
+class ProcessLock:
     """Exclusive lock across processes (flock) and threads; re-opened after fork, freed if a holder dies."""
 
     def __init__(self, path: str):
@@ -177,7 +177,7 @@ class SharedActivationBuffer:
         raw = torch.frombuffer(_mm, dtype=torch.uint8, count=cap * spec.row_bytes, offset=lay["data"])
         self.data = raw.view(TORCH_DTYPES[spec.dtype]).view(cap, *spec.sample_shape)
         self._bytes = raw.numpy().reshape(cap, spec.row_bytes)  # the same rows as raw bytes
-        self._lock = _ProcessLock(spec.path)
+        self._lock = ProcessLock(spec.path)
         self._rng_pid, self._rng = None, None
 
     # -- life cycle -----------------------------------------------------------------------------

@@ -60,14 +60,6 @@ def read_statuses(spec: BufferSpec) -> list[dict]:
     return out
 
 
-def remove_statuses(spec: BufferSpec) -> None:
-    for path in glob.glob(f"{glob.escape(spec.path)}.gen-*.json"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -88,6 +80,14 @@ class Status:
                   "corpus_passes": 0, "restarts": 0, "last_error": None, "started_at": time.time(),
                   "updated_at": time.time()}
         self._window: list[tuple[float, int, int]] = []
+        try:  # a previous process of this worker slot that died: carry its history
+            with open(self.path) as f:
+                prev = json.load(f)
+        except (OSError, ValueError):
+            prev = None
+        if prev and prev.get("pid") != os.getpid() and prev.get("state") not in ("stopped",):
+            self.d["restarts"] = prev.get("restarts", 0) + 1
+            self.d["last_error"] = prev.get("last_error") or f"worker process {prev.get('pid')} died"
 
     def update(self, force: bool = False, **kw) -> None:
         self.d.update(kw)
@@ -112,7 +112,7 @@ class Status:
 def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop: threading.Event,
                    startup_attempts: int = 3, max_backoff_s: float = 30.0) -> None:
     """Generate into the buffer until `stop` is set, restarting the source on failure."""
-    name = f"{device.replace(':', '')}-{os.getpid()}"
+    name = f"{device.replace(':', '')}-w{index}"  # stable across restarts of the worker process
     status = Status(spec, name, device, cfg.generator.source)
     buffer = SharedActivationBuffer.attach(spec)
     failures_before_output, backoff = 0, 1.0

@@ -7,6 +7,7 @@ unlink the buffer. Nothing is allocated before the config has been checked.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -40,8 +41,10 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _announce_when_up(url: str, ready_file: Optional[str], stop: threading.Event) -> None:
-    """Log the URL (and write the ready file) once the HTTP processes answer."""
+def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
+    """Console side of the main process: announce the URL (and write the ready file) once the HTTP
+    processes answer, show a progress bar while the buffer fills to min_fill, then log a one-line
+    status every `server.status_interval_s`."""
     while not stop.is_set():
         try:
             with urllib.request.urlopen(url + "/", timeout=1.0) as r:
@@ -50,14 +53,39 @@ def _announce_when_up(url: str, ready_file: Optional[str], stop: threading.Event
         except OSError:
             pass
         stop.wait(0.1)
-    else:
+    if stop.is_set():
         return
     log.info("actdata serving on %s (GET /stats, /activations/tensor?num_samples=N)", url)
-    if ready_file:
-        tmp = ready_file + ".tmp"
+    if cfg.server.ready_file:
+        tmp = cfg.server.ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"url": url, "port": int(url.rsplit(":", 1)[1]), "pid": os.getpid()}, f)
-        os.replace(tmp, ready_file)
+        os.replace(tmp, cfg.server.ready_file)
+    from .generator import read_statuses
+    from .server import Rates
+
+    rates, tty, last_line = Rates(), sys.stderr.isatty(), 0.0
+    while not stop.wait(0.5):
+        st = buffer.stats()
+        r = rates.update(st)
+        gens = " ".join(f"{g['name']}:{g['state']}" + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
+                        for g in read_statuses(buffer.spec))
+        if not st["serving"]:
+            target = max(1, int(st["min_fill"] * st["capacity"]))
+            frac = min(1.0, st["ready"] / target)
+            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+            line = f"filling [{bar}] {st['ready']:,}/{target:,} rows to min_fill | {r['rows_per_s_in']:,.0f} rows/s | {gens}"
+            if tty:
+                print("\r" + line[:160], end="", file=sys.stderr, flush=True)
+            elif time.time() - last_line >= 5:
+                log.info(line)
+                last_line = time.time()
+        elif cfg.server.status_interval_s and time.time() - last_line >= cfg.server.status_interval_s:
+            if tty and last_line == 0.0:
+                print(file=sys.stderr)
+            log.info("fill %5.1f%% | in %s rows/s | out %s rows/s (%.1f MB/s) | %s", 100 * st["fill"],
+                     f"{r['rows_per_s_in']:,.0f}", f"{r['rows_per_s_out']:,.0f}", r["bytes_per_s_out"] / 1e6, gens)
+            last_line = time.time()
 
 
 def serve(cfg: Config) -> None:
@@ -85,15 +113,16 @@ def serve(cfg: Config) -> None:
                                            path=b.path, prefix=b.prefix)
     stop = threading.Event()
     try:
-        from .generator import remove_statuses
+        from .metrics import ServingMetrics
         from .server import build_server
 
         os.register_at_fork(after_in_child=_forked_child)  # forked HTTP processes die with us
         signal.signal(signal.SIGTERM, _interrupt)
-        server = build_server(cfg, buffer, api_key)
+        metrics = ServingMetrics(buffer.spec.path + ".metrics", create=True)
+        server = build_server(cfg, buffer, metrics, api_key)
         host = "127.0.0.1" if cfg.server.host == "0.0.0.0" else ("::1" if cfg.server.host == "::" else cfg.server.host)
         url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-        threading.Thread(target=_announce_when_up, args=(url, cfg.server.ready_file, stop), daemon=True).start()
+        threading.Thread(target=_watch, args=(url, cfg, buffer, stop), daemon=True).start()
         server.run(host=cfg.server.host, port=port, num_api_servers=cfg.server.workers,
                    generate_client_file=False, log_level=cfg.log_level.lower(), access_log=False)
     except KeyboardInterrupt:
@@ -105,7 +134,8 @@ def serve(cfg: Config) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         log.info("stopping: terminating child processes and removing %s", buffer.spec.path)
         kill_descendants()
-        remove_statuses(buffer.spec)
+        for side in glob.glob(glob.escape(buffer.spec.path) + ".*"):  # generator statuses, metrics
+            os.unlink(side)
         buffer.close()
         if cfg.server.ready_file:
             try:

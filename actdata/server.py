@@ -8,7 +8,7 @@
   crosses a process boundary, is never pickled, JSON-encoded or gzipped on the tensor route.
 
 Routes: GET / (health), GET /stats, GET /activations (JSON), GET /activations/tensor (raw bytes, see
-actdata.wire), POST /refresh, GET /metrics is added by the observability layer when present.
+actdata.wire), POST /refresh, GET /metrics (Prometheus).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import litserve as ls
 import torch
 from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.middleware.gzip import GZipMiddleware
 
@@ -31,6 +32,8 @@ from . import __version__, wire
 from .buffer import BufferSpec, NotReady, SharedActivationBuffer
 from .config import Config
 from .generator import read_statuses, run_supervised
+from .metrics import MetricsMiddleware, ServingMetrics
+from .metrics import render as render_metrics
 
 log = logging.getLogger("actdata.server")
 
@@ -73,7 +76,7 @@ class GeneratorWorker(ls.LitAPI):
         return output
 
 
-class _Rates:
+class Rates:
     """Rows/s in and out of the buffer over the last ~10 s, from the buffer's shared counters."""
 
     def __init__(self):
@@ -128,7 +131,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     spec = buffer.spec
     max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
                           cfg.server.max_bytes_per_request // spec.row_bytes))
-    rates = _Rates()
+    rates = Rates()
     pool = _ResponseTensors(spec.sample_shape, buffer.data.dtype)
     started = time.time()
     retry = {"Retry-After": str(cfg.server.retry_after_s)}
@@ -220,7 +223,8 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
-def build_server(cfg: Config, buffer: SharedActivationBuffer, api_key: Optional[str] = None) -> ls.LitServer:
+def build_server(cfg: Config, buffer: SharedActivationBuffer, metrics: ServingMetrics,
+                 api_key: Optional[str] = None) -> ls.LitServer:
     """A LitServer with one generator worker per device and the data-plane routes."""
     server = ls.LitServer(GeneratorWorker(cfg, buffer.spec), accelerator=cfg.server.accelerator,
                           devices=cfg.server.devices, workers_per_device=1, timeout=30, track_requests=False,
@@ -232,6 +236,12 @@ def build_server(cfg: Config, buffer: SharedActivationBuffer, api_key: Optional[
     app.user_middleware = [m for m in app.user_middleware if m.cls is not GZipMiddleware]
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # ours is GET /
     add_routes(app, buffer, cfg)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    def prometheus():
+        return PlainTextResponse(render_metrics(buffer, metrics), media_type=CONTENT_TYPE_LATEST)
+
     if api_key:
         app.add_middleware(_BearerAuth, key=api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refused requests too
     return server

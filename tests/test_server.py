@@ -170,3 +170,20 @@ def test_sigkill_leftovers_are_reclaimed_by_the_next_start(start_server):
     srv2 = start_server()
     assert shm_files(pid) == []  # ... the next start does
     assert "reclaimed" in srv2.log_tail()
+
+
+def test_embedded_model_end_to_end(start_server):
+    """The README's default: SmolLM2-135M on the KJV Bible, residual stream after block 6."""
+    srv = start_server("buffer.min_fill=0.2", base=["+preset=test"], timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    wait_serving(srv.url, timeout=300)
+    t, r = get_tensor(srv.url, 64)
+    assert t.shape == (64, 576) and t.dtype == torch.float32
+    assert torch.isfinite(t).all()
+    assert t.std(dim=0).mean() > 0.01 and (t[1:] != t[:1]).any(dim=1).all()  # real, varied rows
+    st = requests.get(srv.url + "/stats").json()
+    gen = st["generators"][0]
+    assert gen["source"] == "model" and gen["device"] == "cpu" and gen["state"] == "running"
+    assert gen["tokens"] > 0 and st["contexts_seen"] > 0
+    # rows of one batch come from several contexts (here few: 200 ready rows hold ~2 contexts of 127)
+    assert 2 / 64 <= st["batch_mixing"] <= 1
