@@ -2,7 +2,7 @@
 
 - `GeneratorWorker` (a LitAPI): LitServe starts one per device; its `setup(device)` starts the
   generation loop (actdata.generator) in a background thread, so there is one generator per GPU (or one
-  on the CPU) for free. Its LitAPI endpoint `POST /generator` answers with that worker's status.
+  on the CPU) for free. LitServe's request path to it is not exposed: nothing needs to cross it.
 - The data plane: GET routes added to LitServe's FastAPI app. They run in every HTTP process (LitServe
   forks `server.workers` of them on one port), each reading the shared buffer directly: a request never
   crosses a process boundary, is never pickled, JSON-encoded or gzipped on the tensor route.
@@ -23,6 +23,7 @@ import litserve as ls
 import torch
 from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
@@ -65,15 +66,8 @@ class GeneratorWorker(ls.LitAPI):
         signal.signal(signal.SIGINT, _exit)
         log.info("generator worker %d started on %s (pid %d)", index, device, os.getpid())
 
-    def decode_request(self, request):
-        return request
-
-    def predict(self, x):
-        mine = [s for s in read_statuses(self.buffer_spec) if s.get("pid") == os.getpid()]
-        return {"generator": mine[0] if mine else None}
-
-    def encode_response(self, output):
-        return output
+    def predict(self, x):  # LitAPI's request path is unused: the data plane reads the buffer directly
+        raise NotImplementedError
 
 
 class Rates:
@@ -120,6 +114,17 @@ class _ResponseTensors:
                 i = min(range(len(self.free)), key=lambda i: len(self.free[i]))
                 if len(self.free[i]) < len(t):
                     self.free[i] = t
+
+
+class Error(BaseModel):
+    """Every error answer: one readable line."""
+
+    detail: str
+
+
+_BAD_INPUT = {422: {"model": Error, "description": "A bad query parameter (named in `detail`)"}}
+_NOT_READY = {503: {"model": Error, "description": "Not enough rows ready yet; retry after `Retry-After` s",
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}}}}
 
 
 def _error(status: int, detail: str, headers: Optional[dict] = None) -> JSONResponse:
@@ -170,7 +175,8 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         return st
 
     @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype)",
-             response_class=Response, responses={200: {"content": {wire.MEDIA_TYPE: {}}}})
+             response_class=Response,
+             responses={200: {"content": {wire.MEDIA_TYPE: {}}}, **_BAD_INPUT, **_NOT_READY})
     async def activations_tensor(num_samples: int = NumSamples):
         out = pool.get(num_samples)
         try:
@@ -182,7 +188,8 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         return Response(content=body, media_type=wire.MEDIA_TYPE, headers=headers,
                         background=BackgroundTask(pool.put, out))
 
-    @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)")
+    @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)",
+             responses={**_BAD_INPUT, **_NOT_READY})
     def activations_json(num_samples: int = NumSamples):
         try:
             ids, rows = buffer.read(num_samples)
@@ -234,7 +241,9 @@ def build_server(cfg: Config, buffer: SharedActivationBuffer, metrics: ServingMe
     # LitServe gzips every response when no API streams; tensor bytes do not compress and JSON is
     # for inspection only, so drop the middleware from the data path entirely.
     app.user_middleware = [m for m in app.user_middleware if m.cls is not GZipMiddleware]
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # ours is GET /
+    # GET / (ours) is the health route; LitServe's /health, /info and the LitAPI's POST endpoint are not
+    # part of actdata's API (generator status is in /stats), so they are not exposed.
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", "/health", "/info", "/generator")]
     add_routes(app, buffer, cfg)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
