@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from typing import Optional
 
 import litserve as ls
@@ -26,7 +27,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.background import BackgroundTask
 from starlette.middleware.gzip import GZipMiddleware
 
 from . import __version__, wire
@@ -91,29 +91,28 @@ class Rates:
 
 class _ResponseTensors:
     """Reusable response tensors for one HTTP process. A fresh 12 MB tensor per request costs ~1 ms of
-    page faults; a tensor goes back to the pool once its response has been sent (not before: the
-    response body is a view of it)."""
+    page faults. A tensor is lent out with the body made from it, and reused only once nothing refers to
+    that body any more: the transport may still be sending it after the response has 'completed', so
+    this is tracked with a weak reference to the exported array, not with a callback."""
 
-    def __init__(self, sample_shape: tuple, dtype: torch.dtype, keep: int = 4):
+    def __init__(self, sample_shape: tuple, dtype: torch.dtype, keep: int = 8):
         self.sample_shape, self.dtype, self.keep = sample_shape, dtype, keep
-        self.free: list[torch.Tensor] = []
-        self.lock = threading.Lock()
+        self.lent: list[tuple[torch.Tensor, weakref.ref]] = []
 
     def get(self, k: int) -> torch.Tensor:
-        with self.lock:
-            fits = [i for i, t in enumerate(self.free) if len(t) >= k]
-            if fits:
-                return self.free.pop(min(fits, key=lambda i: len(self.free[i])))
+        free = [i for i, (t, ref) in enumerate(self.lent) if ref() is None and len(t) >= k]
+        if free:
+            return self.lent.pop(min(free, key=lambda i: len(self.lent[i][0])))[0]
         return torch.empty((k, *self.sample_shape), dtype=self.dtype)
 
-    def put(self, t: torch.Tensor) -> None:
-        with self.lock:
-            if len(self.free) < self.keep:
-                self.free.append(t)
-            else:  # keep the largest ones
-                i = min(range(len(self.free)), key=lambda i: len(self.free[i]))
-                if len(self.free[i]) < len(t):
-                    self.free[i] = t
+    def lend(self, t: torch.Tensor, body: memoryview) -> None:
+        """`t` is in use for as long as `body` (or any view of its array) is alive."""
+        try:
+            self.lent.append((t, weakref.ref(body.obj)))
+        except TypeError:  # an empty body (no array behind it): nothing to track
+            return
+        if len(self.lent) > self.keep:  # forget the oldest: it is freed when its last view goes
+            self.lent.pop(0)
 
 
 class Error(BaseModel):
@@ -143,7 +142,10 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     NumSamples = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_rows})")
 
     def not_ready(e: NotReady) -> JSONResponse:
-        return _error(503, str(e), retry)
+        status, gens = generators_summary()
+        errors = "; ".join(f"generator {g['name']} {g['state']}: {g.get('last_error')}" for g in gens
+                           if g["state"] in ("failed", "dead", "restarting"))
+        return _error(503, f"{e}; {errors}" if errors else str(e), retry)
 
     def generators_summary() -> tuple[str, list[dict]]:
         gens = read_statuses(spec)
@@ -182,11 +184,10 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         try:
             _, rows = buffer.read(num_samples, out=out)
         except NotReady as e:
-            pool.put(out)
             return not_ready(e)
         body, headers = wire.encode(rows)
-        return Response(content=body, media_type=wire.MEDIA_TYPE, headers=headers,
-                        background=BackgroundTask(pool.put, out))
+        pool.lend(out, body)
+        return Response(content=body, media_type=wire.MEDIA_TYPE, headers=headers)
 
     @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)",
              responses={**_BAD_INPUT, **_NOT_READY})

@@ -1,0 +1,167 @@
+"""R1-R3, short versions: load, integrity under a running writer, slow readers, and faults."""
+import http.client
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from actdata import wire
+from actdata.buffer import SharedActivationBuffer
+from actdata.config import Config
+from actdata.generator import read_statuses, run_supervised
+from actdata.synthetic import make_rows, verify_rows
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from integrity import read_rows  # noqa: E402
+from load_test import run_load  # noqa: E402
+
+REUSE = ["buffer.max_reads=1000000000", "buffer.min_fill=0.5"]
+
+
+def wait_for(pred, timeout=60, interval=0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def serving(url):
+    return requests.get(url + "/").json()["serving"]
+
+
+def test_load_no_errors_and_flat_memory(start_server):
+    srv = start_server("buffer.size=20000", *REUSE)
+    wait_for(lambda: serving(srv.url))
+    r = run_load(srv.url, clients=16, seconds=8, leader_pid=srv.proc.pid)
+    assert r["requests"] > 100 and r["errors"] == 0 and r["5xx"] == 0
+    for pid, (before, after) in r["rss_mb"].items():
+        assert after - before < 64, (pid, before, after)  # private memory flat (MB)
+
+
+def test_integrity_serve_once_under_a_running_writer(start_server):
+    srv = start_server("buffer.size=8000", "buffer.min_fill=0.25")
+    r = read_rows(srv.url, total=100_000, clients=6)
+    assert r["rows"] >= 100_000 and r["torn"] == 0
+    assert r["max_count"] == 1 and r["distinct"] == r["rows"]  # no row served twice
+
+
+def test_integrity_read_budget(start_server):
+    srv = start_server("buffer.size=4000", "buffer.min_fill=0.25", "buffer.max_reads=3")
+    r = read_rows(srv.url, total=30_000, clients=6)
+    assert r["torn"] == 0 and r["max_count"] <= 3
+    assert r["distinct"] < r["rows"]  # rows were reused ...
+
+
+def test_slow_readers_get_intact_bodies(start_server):
+    """Responses still being sent when later requests arrive must not share memory with them."""
+    srv = start_server("buffer.size=20000", "server.workers=1", *REUSE)
+    wait_for(lambda: serving(srv.url))
+    bad, total = [], []
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        for _ in range(6):
+            conn.request("GET", f"{wire.TENSOR_PATH}?num_samples=2048")
+            r = conn.getresponse()
+            t, view = wire.empty_for(r.headers)
+            got = 0
+            while got < len(view):
+                got += r.readinto(view[got:got + 65536])
+                time.sleep(0.0005)
+            ok = verify_rows(t)[1]
+            bad.append(int((~ok).sum()))
+            total.append(len(ok))
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(total) == 12 * 6 * 2048 and sum(bad) == 0
+
+
+def test_killed_generator_worker_is_restarted_and_rows_keep_flowing(start_server):
+    srv = start_server("buffer.size=4000", *REUSE)
+    wait_for(lambda: serving(srv.url))
+    gen = requests.get(srv.url + "/stats").json()["generators"][0]
+    os.kill(gen["pid"], signal.SIGKILL)
+    t, r = None, requests.get(srv.url + wire.TENSOR_PATH, params={"num_samples": 100})
+    assert r.status_code == 200  # ready rows are served while the generator is down
+    assert verify_rows(wire.decode(r.content, r.headers))[1].all()
+
+    def restarted():
+        gens = requests.get(srv.url + "/stats").json()["generators"]
+        return gens and gens[0]["pid"] != gen["pid"] and gens[0]["state"] == "running" and gens[0]
+    new = wait_for(restarted, timeout=90)
+    assert new["restarts"] == 1 and str(gen["pid"]) in new["last_error"]
+
+
+def _cfg():
+    cfg = Config()
+    cfg.generator.source = "synthetic"
+    return cfg
+
+
+def test_supervisor_restarts_a_failing_source(monkeypatch):
+    calls = []
+
+    def flaky(cfg, spec, device, index):
+        calls.append(1)
+
+        def gen():
+            for i in range(2):
+                yield make_rows(torch.arange(i * 10, i * 10 + 10) + 1000 * len(calls), (32,), torch.float32), \
+                    np.zeros(10, np.int64), {"contexts": 1, "tokens": 0}
+            raise RuntimeError("boom")
+        return gen()
+
+    monkeypatch.setattr("actdata.generator.make_source", flaky)
+    with SharedActivationBuffer.create(1000, (32,), "float32") as buf:
+        stop = threading.Event()
+        th = threading.Thread(target=run_supervised, args=(_cfg(), buf.spec, "cpu", 0, stop),
+                              kwargs={"max_backoff_s": 0.05})
+        th.start()
+        wait_for(lambda: len(calls) >= 3, timeout=20)
+        st = read_statuses(buf.spec)[0]
+        assert st["restarts"] >= 2 and "boom" in st["last_error"]
+        assert buf.stats()["rows_written"] >= 40  # it kept producing between failures
+        stop.set()
+        th.join(10)
+        assert not th.is_alive() and read_statuses(buf.spec)[0]["state"] == "stopped"
+
+
+def test_supervisor_gives_up_on_a_source_that_never_starts(monkeypatch):
+    calls = []
+
+    def broken(cfg, spec, device, index):
+        calls.append(1)
+        raise FileNotFoundError("no such dataset: /nowhere")
+
+    monkeypatch.setattr("actdata.generator.make_source", broken)
+    with SharedActivationBuffer.create(100, (32,), "float32") as buf:
+        stop = threading.Event()
+        th = threading.Thread(target=run_supervised, args=(_cfg(), buf.spec, "cpu", 0, stop),
+                              kwargs={"startup_attempts": 3, "max_backoff_s": 0.05})
+        th.start()
+        th.join(20)
+        assert not th.is_alive() and len(calls) == 3  # not restarted forever
+        st = read_statuses(buf.spec)[0]
+        assert st["state"] == "failed" and "/nowhere" in st["last_error"]
+
+
+def test_bad_dataset_is_reported_not_retried_forever(start_server, tmp_path):
+    srv = start_server("dataset.name=" + str(tmp_path / "missing.jsonl"), base=["+preset=test"], timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    h = wait_for(lambda: (lambda h: h["status"] == "failed" and h)(requests.get(srv.url + "/").json()), timeout=180)
+    assert "missing.jsonl" in h["generators"][0]["last_error"]
+    r = requests.get(srv.url + wire.TENSOR_PATH)
+    assert r.status_code == 503 and "Retry-After" in r.headers
