@@ -26,8 +26,10 @@ A 4xx (e.g. `batch_size` above the server's per-request maximum, a wrong API key
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -53,12 +55,40 @@ def split_evenly(total: Optional[int], parts: int, index: int) -> Optional[int]:
     return total // parts + (1 if index < total % parts else 0)
 
 
-def _shared_empty(headers, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, memoryview]:
-    """Like `wire.empty_for`, but the tensor's storage is in shared memory (so a DataLoader worker hands it
-    to the main process without a copy)."""
-    shape, wire_dtype, nbytes = wire.parse(headers)
-    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
-    t = torch.empty(0, dtype=wire_dtype).set_(storage, 0, shape)
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_libc = None
+
+
+def _populate(t: torch.Tensor) -> None:
+    """Fault in a fresh shared tensor's pages in one system call (best effort). Touching 12.6 MB of new
+    shared memory page by page costs ~8 ms of page faults during the socket read; populated in advance,
+    ~3 ms (measured on the 2-core machine)."""
+    global _libc
+    nbytes = t.numel() * t.element_size()
+    if nbytes < (1 << 20) or not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        start = t.data_ptr() & ~4095
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + nbytes - start), _MADV_POPULATE_WRITE)
+    except (OSError, AttributeError):  # an older kernel answers EINVAL, which is fine: pages fault in lazily
+        pass
+
+
+def shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor whose storage is in shared memory (populated), so that a DataLoader worker
+    hands it to the main process without the copy into shared memory the worker queue would make."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    t = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, shape)
+    _populate(t)
+    return t
+
+
+def _shared_empty_for(headers) -> tuple[torch.Tensor, memoryview]:
+    """`wire.empty_for` with the tensor in shared memory (a private stand-in until wire has `shared=`)."""
+    shape, dtype, nbytes = wire.parse(headers)
+    t = shared_empty(shape, dtype)
     view = t.reshape(-1).view(torch.uint8).numpy().data if nbytes else memoryview(bytearray())
     return t, view
 
@@ -141,7 +171,7 @@ class RemoteActivationDataset(IterableDataset):
                 n = self.batch_size if left is None else min(self.batch_size, left)
                 if n <= 0:
                     return
-                alloc = _shared_empty if in_worker and self.dtype is None else None
+                alloc = _shared_empty_for if in_worker and self.dtype is None else None
                 x, _ = readers[done % len(readers)].fetch(n, allocate=alloc)
                 if self.dtype is not None and x.dtype != self.dtype:
                     x = self._convert(x, in_worker)
@@ -155,9 +185,7 @@ class RemoteActivationDataset(IterableDataset):
     def _convert(self, x: torch.Tensor, in_worker: bool) -> torch.Tensor:
         if not in_worker:
             return x.to(self.dtype)
-        out = torch.empty(0, dtype=self.dtype).set_(
-            torch.UntypedStorage._new_shared(max(x.numel() * self.dtype.itemsize, 1)), 0, x.shape)
-        return out.copy_(x)
+        return shared_empty(tuple(x.shape), self.dtype).copy_(x)
 
 
 def _lightning():
