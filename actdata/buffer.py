@@ -32,9 +32,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .wire import DTYPES as TORCH_DTYPES
 FREE, WRITING, READY, READING = 0, 1, 2, 3
 MAGIC = 0x61637464_61746131  # "actdata1"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHM_DIR = "/dev/shm"
 _PAGE = 4096
 _HEADER_BYTES = _PAGE

@@ -47,10 +47,10 @@ import numpy as np
 import torch
 
 from .config import SITES, Config, ConfigError
+from .wire import DTYPES as TORCH_DTYPES
 
 log = logging.getLogger("actdata.capture")
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # per layout: (attribute names of the attention sublayer, of the MLP)
 ATTN_NAMES, MLP_NAMES = ("attn", "self_attn", "attention"), ("mlp", "feed_forward")
 OUTLIER_MEMORY = 0.05  # weight of a new batch in the running median norm

@@ -20,7 +20,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .buffer import TORCH_DTYPES, BufferSpec, SharedActivationBuffer
+from .buffer import BufferSpec, SharedActivationBuffer
+from . import wire
 from .config import Config, synthetic_shape
 
 log = logging.getLogger("actdata.generator")
@@ -34,7 +35,7 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int) -> Itera
     if cfg.generator.source == "synthetic":
         from .synthetic import SyntheticSource
 
-        return SyntheticSource(spec.sample_shape, TORCH_DTYPES[spec.dtype], first_id=index << 40,
+        return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype], first_id=index << 40,
                                rows_per_second=cfg.generator.rows_per_second)
     from .capture import ModelSource
 
