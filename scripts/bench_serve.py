@@ -1,0 +1,264 @@
+"""P1: how close the HTTP data plane comes to the machine's limits, beside the baselines, in one run.
+
+    .venv/bin/python scripts/bench_serve.py [--quick] [--png bench-serve.png]
+
+Rows of the table (GB/s of tensor bytes delivered, samples/s, ratio to the loopback-TCP limit):
+  limits      memcpy and loopback TCP of this machine, measured now (method of shared/tools/limits.py)
+  baselines   the seed's JSON route; LitServe's LitAPI round trip of the same bytes; a plain route
+              serialising with torch.save read by requests
+  actdata     /activations/tensor for one client (no DataLoader), and RemoteActivationDataset through a
+              DataLoader with 1, 2 and 4 workers; for 4096 x 768 float32 and the CLT shape 4096 x [2,12,768]
+              float16.
+The synthetic source fills the buffer; rows are reused (buffer.max_reads large) so that the data plane,
+not the synthetic writer, is what is measured. One row measures serve-once with the writer running.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+import torch
+
+from actdata import wire
+from actdata.client import ActivationClient
+from actdata.dataset import RemoteActivationDataset
+from actdata.serve import ServerProcess
+
+MB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- limits (same method as shared/tools/limits.py) -------------------------------------------------
+def memcpy_gbps(size=256 * MB, reps=7) -> float:
+    src = torch.empty(size, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t)
+    return size / statistics.median(ts) / 1e9
+
+
+def loopback_gbps(size=256 * MB, reps=7) -> float:
+    payload = memoryview(bytearray(size))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():
+        c, _ = srv.accept()
+        for _ in range(reps):
+            c.recv(1)
+            c.sendall(payload)
+        c.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    cli = socket.create_connection(("127.0.0.1", srv.getsockname()[1]))
+    buf, ts = memoryview(bytearray(size)), []
+    for _ in range(reps):
+        t = time.perf_counter()
+        cli.sendall(b"x")
+        got = 0
+        while got < size:
+            got += cli.recv_into(buf[got:], size - got)
+        ts.append(time.perf_counter() - t)
+    cli.close()
+    th.join()
+    srv.close()
+    return size / statistics.median(ts) / 1e9
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+def rate(fn, nbytes_per_call: int, calls: int, reps: int, warmup: int = 1) -> float:
+    """Median over reps of GB/s for `calls` calls of fn (each delivering nbytes_per_call)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append(nbytes_per_call * calls / (time.perf_counter() - t) / 1e9)
+    return statistics.median(out)
+
+
+def dataloader_rate(url: str, batch: int, workers: int, batches: int, reps: int) -> float:
+    ds = RemoteActivationDataset(url, batch_size=batch)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                                     prefetch_factor=2 if workers else None)
+    it = iter(dl)
+    first = next(it)
+    nbytes = first.numel() * first.element_size()
+    for _ in range(2 * max(workers, 1)):
+        next(it)
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        out.append(nbytes * batches / (time.perf_counter() - t) / 1e9)
+    del it, dl
+    return statistics.median(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_baseline(kind: str, rows: int, dim: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "baseline_servers.py"), kind, str(port),
+                          str(rows), str(dim)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            r = requests.get(f"http://127.0.0.1:{port}/health" if kind == "litapi" else f"http://127.0.0.1:{port}/docs",
+                             timeout=1)
+            if r.status_code == 200:
+                return p, port
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"baseline {kind} did not start")
+
+
+def stop(p: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(10)
+    except Exception:
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+def wait_full(url: str, fill: float = 0.99, timeout: float = 300) -> None:
+    client = ActivationClient(url)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if client.get_stats()["fill"] >= fill:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("buffer did not fill")
+
+
+# -- main -----------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer reps")
+    ap.add_argument("--png", default="bench-serve.png", help="bar chart output ('' = none)")
+    ap.add_argument("--workers", default="1,2,4", help="DataLoader worker counts")
+    a = ap.parse_args()
+    reps, batches = (3, 6) if a.quick else (5, 12)
+    torch.set_num_threads(1)
+    rows_out: list[tuple[str, float, float]] = []  # (label, GB/s, samples/s)
+    k, dim = 4096, 768
+    nbytes = k * dim * 4
+
+    mem, lo = memcpy_gbps(), loopback_gbps()
+    print(f"limits: memcpy {mem:.2f} GB/s, loopback TCP {lo:.2f} GB/s", flush=True)
+
+    common = ["+preset=test", "generator.source=synthetic", "buffer.max_reads=1000000000", "buffer.min_fill=0.05",
+              "generator.rows_per_second=2000000"]
+    with ServerProcess([*common, "buffer.size=100000", f"buffer.activation_dim={dim}"]) as srv:
+        wait_full(srv.url)
+        url = srv.url
+        # baseline 1: the seed's JSON route
+        def json_call():
+            d = requests.get(f"{url}/activations", params={"num_samples": k}).json()
+            torch.tensor(d["activations"], dtype=torch.float32)
+        g = rate(json_call, nbytes, 1, max(2, reps // 2))
+        rows_out.append(("baseline: JSON route (requests)", g, g * 1e9 / (dim * 4)))
+        print(rows_out[-1], flush=True)
+        # actdata: one client, raw tensor route via the dataset's reader (no DataLoader)
+        it = iter(RemoteActivationDataset(url, batch_size=k))
+        g = rate(lambda: next(it), nbytes, batches, reps, warmup=2)
+        rows_out.append(("actdata: /activations/tensor, 1 client", g, g * 1e9 / (dim * 4)))
+        print(rows_out[-1], flush=True)
+        for w in [int(x) for x in a.workers.split(",")]:
+            g = dataloader_rate(url, k, w, batches, reps)
+            rows_out.append((f"actdata: DataLoader, {w} worker{'s' if w > 1 else ''}", g, g * 1e9 / (dim * 4)))
+            print(rows_out[-1], flush=True)
+
+    import io
+
+    sess = requests.Session()
+    baselines = {
+        "litapi": [("baseline: LitAPI round trip (requests; LitServe's gzip)", {}),
+                   ("baseline: LitAPI round trip (no gzip)", {"Accept-Encoding": "identity"})],
+        "torchsave": [("baseline: torch.save route (requests)", {})],
+    }
+    for kind, variants in baselines.items():
+        p, port = start_baseline(kind, k, dim)
+        try:
+            for label, headers in variants:
+                if kind == "litapi":
+                    call = lambda: torch.frombuffer(bytearray(sess.post(f"http://127.0.0.1:{port}/predict", json={},
+                                                                        headers=headers).content), dtype=torch.float32)
+                else:
+                    call = lambda: torch.load(io.BytesIO(sess.get(f"http://127.0.0.1:{port}/tensor").content))
+                g = rate(call, nbytes, max(2, batches // 3), max(2, reps // 2))
+                rows_out.append((label, g, g * 1e9 / (dim * 4)))
+                print(rows_out[-1], flush=True)
+        finally:
+            stop(p)
+
+    clt = (2, 12, 768)
+    clt_bytes = 2 * 12 * 768 * 2
+    with ServerProcess([*common, "buffer.size=12000", "buffer.dtype=float16", "buffer.sample_shape=[2,12,768]"]) as srv:
+        wait_full(srv.url)
+        for w in (2, 4):
+            g = dataloader_rate(srv.url, k, w, max(3, batches // 4), reps)
+            rows_out.append((f"actdata: CLT 4096x[2,12,768] fp16, DataLoader {w} workers", g, g * 1e9 / clt_bytes))
+            print(rows_out[-1], flush=True)
+
+    with ServerProcess(["+preset=test", "generator.source=synthetic", "buffer.size=100000", "buffer.min_fill=0.2"]) as srv:
+        wait_full(srv.url, 0.9)
+        g = dataloader_rate(srv.url, k, 2, batches, reps)
+        rows_out.append(("actdata: serve-once, writer running, DataLoader 2 workers", g, g * 1e9 / (dim * 4)))
+        print(rows_out[-1], flush=True)
+
+    print()
+    print(f"| {'path':<62} | {'GB/s':>6} | {'samples/s':>10} | {'x loopback':>10} |")
+    print(f"|{'-' * 64}|{'-' * 8}|{'-' * 12}|{'-' * 12}|")
+    print(f"| {'limit: memcpy':<62} | {mem:6.2f} | {'':>10} | {mem / lo:10.2f} |")
+    print(f"| {'limit: loopback TCP':<62} | {lo:6.2f} | {'':>10} | {1.0:10.2f} |")
+    for label, g, sps in rows_out:
+        print(f"| {label:<62} | {g:6.2f} | {sps:10.0f} | {g / lo:10.2f} |")
+    if a.png:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(matplotlib not installed: no chart; pip install matplotlib)")
+            return
+        labels = ["memcpy", "loopback TCP"] + [r[0].split(": ", 1)[1] for r in rows_out]
+        vals = [mem, lo] + [r[1] for r in rows_out]
+        colors = ["#888888", "#888888"] + ["#d62728" if r[0].startswith("baseline") else "#1f77b4" for r in rows_out]
+        fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1))
+        ax.barh(labels[::-1], vals[::-1], color=colors[::-1])
+        ax.axvline(lo, color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel("GB/s of tensor bytes delivered (grey: limits, red: baselines, blue: actdata)")
+        ax.set_title("actdata data plane vs this machine's limits")
+        fig.tight_layout()
+        fig.savefig(a.png, dpi=110)
+        print(f"chart: {a.png}")
+
+
+if __name__ == "__main__":
+    main()
