@@ -19,6 +19,7 @@ tail. Nothing touches the data pages on creation, so start-up time does not depe
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import math
 import mmap
@@ -328,6 +329,23 @@ class SharedActivationBuffer:
         finally:
             self.release(ids, epoch)
         return ids, out[:len(ids)]
+
+    def prefault(self, chunk_bytes: int = 64 << 20, pause_s: float = 0.001,
+                 stop: Optional[threading.Event] = None) -> None:
+        """Map every row into this process's page table ahead of use (Linux MADV_POPULATE_READ), chunk by
+        chunk. A reader's first touch of each page otherwise costs a minor fault: 4096 random rows of a
+        3 GB buffer took 19 ms lazily and 4.7 ms populated (P6). Meant for a background thread of each
+        reading process; pages not yet written are allocated here rather than by the writer. A no-op
+        where the kernel lacks the call."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        base = self.data.data_ptr() & ~(_PAGE - 1)
+        end = self.data.data_ptr() + self.spec.capacity * self.spec.row_bytes
+        for start in range(base, end, chunk_bytes):
+            if stop is not None and stop.is_set():
+                return
+            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(min(chunk_bytes, end - start)), 22) != 0:
+                return  # EINVAL before Linux 5.14: pages fault in lazily, as before
+            time.sleep(pause_s)
 
     # -- control ----------------------------------------------------------------------------------
     def refresh(self) -> int:

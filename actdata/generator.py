@@ -128,7 +128,8 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                     n = buffer.write(rows, origin, stop, on_wait=status.update)
                     produced += n
                     buffer.note_contexts(info.get("contexts", 0))
-                    status.update(rows_written=status.d["rows_written"] + n,
+                    status.update(force=produced == n,  # publish the first batch at once
+                                  rows_written=status.d["rows_written"] + n,
                                   contexts=status.d["contexts"] + info.get("contexts", 0),
                                   tokens=status.d["tokens"] + info.get("tokens", 0),
                                   corpus_passes=info.get("corpus_passes", status.d["corpus_passes"]))

@@ -159,7 +159,7 @@ def wait_full(url: str, fill: float = 0.99, timeout: float = 300) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer reps")
-    ap.add_argument("--png", default="bench-serve.png", help="bar chart output ('' = none)")
+    ap.add_argument("--png", default="bench-results/bench-serve.png", help="bar chart output ('' = none)")
     ap.add_argument("--workers", default="1,2,4", help="DataLoader worker counts")
     a = ap.parse_args()
     reps, batches = (3, 6) if a.quick else (5, 12)

@@ -181,8 +181,13 @@ def test_embedded_model_end_to_end(start_server):
     assert t.shape == (64, 576) and t.dtype == torch.float32
     assert torch.isfinite(t).all()
     assert t.std(dim=0).mean() > 0.01 and (t[1:] != t[:1]).any(dim=1).all()  # real, varied rows
-    st = requests.get(srv.url + "/stats").json()
-    gen = st["generators"][0]
+    deadline = time.time() + 30
+    while True:  # a generator publishes its counters at most twice a second
+        st = requests.get(srv.url + "/stats").json()
+        gen = st["generators"][0]
+        if gen["tokens"] > 0 or time.time() > deadline:
+            break
+        time.sleep(0.2)
     assert gen["source"] == "model" and gen["device"] == "cpu" and gen["state"] == "running"
     assert gen["tokens"] > 0 and st["contexts_seen"] > 0
     # rows of one batch come from several contexts (here few: 200 ready rows hold ~2 contexts of 127)
