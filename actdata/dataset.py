@@ -27,6 +27,7 @@ A 4xx (e.g. `batch_size` above the server's per-request maximum, a wrong API key
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -76,21 +77,13 @@ def _populate(t: torch.Tensor) -> None:
         pass
 
 
-def shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+def shared_empty(shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialised tensor whose storage is in shared memory (populated), so that a DataLoader worker
     hands it to the main process without the copy into shared memory the worker queue would make."""
     nbytes = math.prod(shape) * dtype.itemsize
     t = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, shape)
     _populate(t)
     return t
-
-
-def _shared_empty_for(headers) -> tuple[torch.Tensor, memoryview]:
-    """`wire.empty_for` with the tensor in shared memory (a private stand-in until wire has `shared=`)."""
-    shape, dtype, nbytes = wire.parse(headers)
-    t = shared_empty(shape, dtype)
-    view = t.reshape(-1).view(torch.uint8).numpy().data if nbytes else memoryview(bytearray())
-    return t, view
 
 
 class RemoteActivationDataset(IterableDataset):
@@ -162,6 +155,7 @@ class RemoteActivationDataset(IterableDataset):
             n_batches = min(batches if batches is not None else math.inf,
                             math.ceil(samples / self.batch_size) if samples is not None else math.inf)
         in_worker = get_worker_info() is not None
+        shared_alloc = functools.partial(wire.empty_for, empty=shared_empty)  # batches born in shared memory
         retry = RetryPolicy(self.retry_for_s)
         readers = [TensorReader(u, self.api_key, timeout=self.timeout, retry=retry, rcvbuf=self.rcvbuf)
                    for u in urls]
@@ -171,7 +165,7 @@ class RemoteActivationDataset(IterableDataset):
                 n = self.batch_size if left is None else min(self.batch_size, left)
                 if n <= 0:
                     return
-                alloc = _shared_empty_for if in_worker and self.dtype is None else None
+                alloc = shared_alloc if in_worker and self.dtype is None else None
                 x, _ = readers[done % len(readers)].fetch(n, allocate=alloc)
                 if self.dtype is not None and x.dtype != self.dtype:
                     x = self._convert(x, in_worker)

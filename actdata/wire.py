@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -61,10 +61,12 @@ def parse(headers: Mapping[str, str]) -> tuple[tuple[int, ...], torch.dtype, int
     return shape, dtype, math.prod(shape) * dtype.itemsize
 
 
-def empty_for(headers: Mapping[str, str], pin_memory: bool = False) -> tuple[torch.Tensor, memoryview]:
-    """A tensor to receive the body described by `headers`, and a writable byte view of it."""
+def empty_for(headers: Mapping[str, str], empty: Callable[..., torch.Tensor] = torch.empty
+              ) -> tuple[torch.Tensor, memoryview]:
+    """A tensor to receive the body described by `headers` (made by `empty(shape, dtype=...)`, e.g. an
+    allocator of pinned or shared memory), and a writable byte view of it."""
     shape, dtype, nbytes = parse(headers)
-    t = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+    t = empty(shape, dtype=dtype)
     view = t.reshape(-1).view(torch.uint8).numpy().data if nbytes else memoryview(bytearray())
     return t, view
 
