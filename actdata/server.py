@@ -215,19 +215,26 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
-class _BearerAuth:
-    """ASGI middleware: every route but `GET /` needs `Authorization: Bearer <key>`."""
+class _Guard:
+    """ASGI middleware in front of every route: requests whose headers exceed `max_header_bytes` get 431,
+    and when an API key is set, every route but `GET /` needs `Authorization: Bearer <key>` (401)."""
 
-    def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+    def __init__(self, app, key: Optional[str], max_header_bytes: int = 64 << 10):
+        self.app, self.max_header_bytes = app, max_header_bytes
+        self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not (scope["path"] == "/" and scope["method"] in ("GET", "HEAD")):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if auth != self.expected:
-                await JSONResponse({"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
-                                   status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            refusal = None
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+                refusal = JSONResponse({"detail": f"request headers exceed {self.max_header_bytes} bytes"},
+                                       status_code=431)
+            elif self.expected and not (scope["path"] == "/" and scope["method"] in ("GET", "HEAD")):
+                if dict(scope["headers"]).get(b"authorization", b"") != self.expected:
+                    refusal = JSONResponse({"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+                                           status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            if refusal is not None:
+                return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -251,7 +258,6 @@ def build_server(cfg: Config, buffer: SharedActivationBuffer, metrics: ServingMe
     def prometheus():
         return PlainTextResponse(render_metrics(buffer, metrics), media_type=CONTENT_TYPE_LATEST)
 
-    if api_key:
-        app.add_middleware(_BearerAuth, key=api_key)
+    app.add_middleware(_Guard, key=api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refused requests too
     return server

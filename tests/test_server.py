@@ -91,6 +91,12 @@ def test_bad_num_samples_is_a_clear_4xx(synthetic_server, path, value):
     assert isinstance(detail, str) and "num_samples" in detail
 
 
+def test_oversized_headers_are_refused(synthetic_server):
+    r = requests.get(synthetic_server.url + "/stats", headers={"X-Big": "x" * 100_000})
+    assert r.status_code == 431 and "headers" in r.json()["detail"]
+    assert requests.get(synthetic_server.url + "/stats").status_code == 200  # and nothing else is harmed
+
+
 def test_unknown_routes_and_methods(synthetic_server):
     url = synthetic_server.url
     r = requests.get(url + "/nope")
