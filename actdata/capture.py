@@ -26,11 +26,14 @@ Kept positions: attention mask 1, minus position 0 (the BOS every block starts w
 with `generator.outlier_factor`, minus rows with a vector whose norm exceeds that multiple of the
 running median norm of its site (attention sinks and the like).
 
-Pipeline (`ModelSource`): a thread tokenises and packs text into a small queue; a second thread runs
-the forwards and puts finished rows into another small queue; the consumer (the buffer write) reads
-them. So tokenisation and buffer writes overlap the next forward. On CUDA, rows go device -> host
+Pipeline (`ModelSource`). On CUDA: a thread tokenises and packs text into a small queue; a second
+thread runs the forwards and puts finished rows into another small queue; the consumer (the buffer
+write) reads them. So tokenisation and buffer writes overlap the next forward. Rows go device -> host
 through pinned staging buffers with non-blocking copies; a staging buffer is reused only after the
-consumer has asked for the next item, so the rows of an item stay valid until then.
+consumer has asked for the next item, so the rows of an item stay valid until then. On the CPU the
+same three steps run one after the other in the consumer's thread: the forward's intra-op threads
+already use every core, the other steps take milliseconds per batch, and threads competing with the
+forward's OpenMP workers cost more than the overlap would gain.
 """
 from __future__ import annotations
 
@@ -455,6 +458,20 @@ class ModelSource:
         return rows.reshape(len(rows), *self.plan.shape), origin, info
 
     def __iter__(self):
+        if self.device.type != "cuda":
+            return self._iter_inline()
+        return self._iter_threaded()
+
+    def _iter_inline(self):
+        """Not CUDA: prepare -> forward -> finish in the consumer's own thread. A CPU forward keeps every
+        core busy with its intra-op threads; tokenising and writing a batch take milliseconds against a
+        forward of ~0.5 s, so overlapping them gains nothing, while extra busy Python threads preempt the
+        forward's OpenMP workers (which spin at their barriers) and slow every forward down."""
+        for item in self._prepare():
+            rows, origin, info, _ = self._forward(item, None)
+            yield self._finish(rows, origin, info)
+
+    def _iter_threaded(self):
         stop = threading.Event()
         prepared: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
         done: queue.Queue = queue.Queue(self.QUEUE_DEPTH)

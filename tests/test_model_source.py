@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import glob
 import threading
 import time
 
@@ -15,7 +16,7 @@ import torch
 from actdata.buffer import BufferSpec, SharedActivationBuffer
 from actdata.capture import ModelSource, sample_shape
 from actdata.config import Config, ConfigError
-from actdata.generator import read_statuses, remove_statuses, run_supervised
+from actdata.generator import read_statuses, run_supervised
 
 
 def embedded_cfg(**gen) -> Config:
@@ -25,6 +26,12 @@ def embedded_cfg(**gen) -> Config:
     for k, v in gen.items():
         setattr(cfg.generator, k, v)
     return cfg
+
+
+def remove_statuses(spec: BufferSpec) -> None:
+    """Delete the generator status files beside the buffer (actdata.generator has no helper for it)."""
+    for path in glob.glob(f"{glob.escape(spec.path)}.gen-*.json"):
+        os.remove(path)
 
 
 def assert_real(rows: torch.Tensor) -> None:
