@@ -2,20 +2,28 @@
 
 Same model (the embedded SmolLM2-135M, 30 blocks), same batch and context, one run:
 
-  (a) bare   model(input_ids), full depth                      [base model, no LM head, torch.no_grad]
-  (b) bare   forward stopped after block L by a hook that raises
-  (c) actdata ModelSource -> SharedActivationBuffer.write, resid_post of the last block (full depth)
+  (a)  bare  model(input_ids), full depth, the causal LM as the issue states it (AutoModelForCausalLM:
+             30 blocks + final norm + LM head over the 49k vocabulary) [torch.no_grad, transformers defaults]
+  (a') bare  model(input_ids), full depth, the base model (AutoModel: 30 blocks + final norm, no LM head)
+  (b)  bare  causal LM stopped after block L by a forward hook that raises
+  (b') bare  base model stopped after block L the same way
+  (c)  actdata ModelSource -> SharedActivationBuffer.write, resid_post of the last block (full depth)
   (d0) actdata, resid_post of block L, eager blocks
-  (d) actdata, resid_post of block L, generator.compile=true (blocks under torch.compile)
-  (e) (d) with model.dtype=bfloat16
+  (d)  actdata, resid_post of block L, generator.compile=true (blocks under torch.compile)
+  (e)  (d) with model.dtype=bfloat16
+  (dt) optional (--threaded): (d0) with the CUDA-style three-thread pipeline forced on the CPU
 
 The bare forwards get pre-tokenised blocks (no text work at all); actdata pays for tokenising,
-packing, filtering and the buffer write (overlapped with the forward). Tokens/s = tokens forwarded /
-wall time, median of --reps timings of --batches batches each, after a warm-up. The runs are
-interleaved rep by rep (and each actdata rep starts a fresh pipeline), so load from other processes
-on the machine hits every run alike.
+packing, filtering and the buffer write. Everything is timed in steady state: each runner is warmed up
+(and compiled) before timing, and each actdata run keeps one iterator over its source for the whole
+benchmark (on the CPU the source computes only when asked, so nothing runs between its timings; the
+threaded variant restarts its pipeline each rep and discards its first items untimed). Tokens/s =
+tokens forwarded / wall time, median of --reps timings of --batches batches each. The runs are
+interleaved rep by rep, so load from other processes hits every run alike. The ratios use the
+base-model baselines (a') and (b'), the stricter comparison; the causal-LM ratios are printed too.
 
-    python scripts/bench_generate.py [--threads 2] [--batch 8] [--ctx 128] [--layer 14] [--reps 3]
+    python scripts/bench_generate.py [--threads 2] [--batch 8] [--ctx 128] [--layer 14] [--reps 5]
+                                     [--batches 3] [--only a,b,c,...] [--threaded]
 """
 from __future__ import annotations
 
@@ -31,9 +39,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from actdata.buffer import SharedActivationBuffer
-from actdata.capture import ModelSource, load_model, load_tokenizer, sample_shape
+from actdata.capture import ModelSource, load_model, load_tokenizer, model_path, sample_shape
 from actdata.config import Config
 from actdata.text import TokenBlocks
+from actdata.wire import DTYPES
 
 
 class _Stop(Exception):
@@ -41,15 +50,25 @@ class _Stop(Exception):
 
 
 class Bare:
-    """A bare forward of pre-tokenised blocks, optionally stopped after block `layer` by a hook."""
+    """A bare `model(input_ids)` of pre-tokenised blocks, optionally stopped after block `layer` by a hook.
+    lm: the causal LM (with its head); otherwise the base model."""
 
-    def __init__(self, cfg: Config, blocks: list, layer: int | None):
-        self.model, self.blocks, self.i = load_model(cfg, "cpu"), blocks, 0
+    def __init__(self, cfg: Config, blocks: list, layer: int | None, lm: bool):
+        if lm:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(model_path(cfg.model.name),
+                                                              dtype=DTYPES[cfg.model.dtype]).eval()
+            layers = self.model.model.layers
+        else:
+            self.model = load_model(cfg, "cpu")
+            layers = self.model.layers
+        self.blocks, self.i = blocks, 0
         if layer is not None:
             def stop(module, args, output):
                 raise _Stop
-            self.model.layers[layer].register_forward_hook(stop)
-        self.time(1)  # warm-up
+            layers[layer].register_forward_hook(stop)
+        self.time(2)  # warm-up (the first forwards pay one-off allocator and kernel set-up costs)
 
     def time(self, batches: int) -> float:
         t0, tokens = time.perf_counter(), 0
@@ -68,28 +87,39 @@ class Bare:
 class Actdata:
     """actdata's ModelSource feeding SharedActivationBuffer.write, as the server's generator does."""
 
-    def __init__(self, cfg: Config, batches: int):
+    def __init__(self, cfg: Config, batches: int, threaded: bool = False):
         shape = sample_shape(cfg)
         rows = cfg.generator.batch_size * cfg.generator.context_length
         self.buf = SharedActivationBuffer.create(rows * (batches + 2), shape, cfg.buffer.dtype)
         self.source = ModelSource(cfg, "cpu", 0)
-        self.time(1)  # warm-up (and compilation, when asked)
+        self.threaded = threaded
+        self.items = None if threaded else iter(self.source)  # one steady-state iterator for the whole run
+        self.time(2)  # warm-up (and compilation, when asked)
+
+    def _write(self, item) -> int:
+        rows, origin, info = item
+        self.buf.write(rows, origin)
+        return info["tokens"]
 
     def time(self, batches: int) -> float:
         self.buf.refresh()  # every slot FREE again (outside the timing)
-        items = iter(self.source)  # a fresh pipeline: nothing computed while other runs were timed
-        rows, origin, _ = next(items)
-        self.buf.write(rows, origin)
+        if self.threaded:  # a fresh pipeline each rep (nothing computed while other runs are timed);
+            items = self.source._iter_threaded()  # its start-up and first items are not timed
+            for _ in range(2):
+                self._write(next(items))
+        else:
+            items = self.items
         t0, tokens = time.perf_counter(), 0
         for _ in range(batches):
-            rows, origin, info = next(items)
-            self.buf.write(rows, origin)
-            tokens += info["tokens"]
+            tokens += self._write(next(items))
         rate = tokens / (time.perf_counter() - t0)
-        items.close()
+        if self.threaded:
+            items.close()
         return rate
 
     def close(self):
+        if self.items is not None:
+            self.items.close()
         self.buf.close()
 
 
@@ -101,6 +131,8 @@ def main():
     ap.add_argument("--layer", type=int, default=14)
     ap.add_argument("--batches", type=int, default=3, help="batches per timed rep")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated run keys (default: all but dt)")
+    ap.add_argument("--threaded", action="store_true", help="add (dt): (d0) through the three-thread pipeline")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -117,37 +149,51 @@ def main():
 
     L, last = args.layer, n_layers - 1
     runs = {
-        "a": ("(a) bare model(input_ids), full depth", lambda: Bare(cfg, blocks, None)),
-        "b": (f"(b) bare, stopped after block {L} by a hook", lambda: Bare(cfg, blocks, L)),
-        "c": (f"(c) actdata -> buffer, resid_post@{last} (full depth)", lambda: Actdata(at(last), args.batches)),
+        "a": ("(a)  bare causal LM model(input_ids), full depth + head", lambda: Bare(cfg, blocks, None, True)),
+        "a'": ("(a') bare base model(input_ids), full depth", lambda: Bare(cfg, blocks, None, False)),
+        "b": (f"(b)  bare causal LM, stopped after block {L} by a hook", lambda: Bare(cfg, blocks, L, True)),
+        "b'": (f"(b') bare base model, stopped after block {L} by a hook", lambda: Bare(cfg, blocks, L, False)),
+        "c": (f"(c)  actdata -> buffer, resid_post@{last} (full depth)", lambda: Actdata(at(last), args.batches)),
         "d0": (f"(d0) actdata -> buffer, resid_post@{L}, no compile", lambda: Actdata(at(L), args.batches)),
-        "d": (f"(d) actdata -> buffer, resid_post@{L}, generator.compile", lambda: Actdata(at(L, compile=True),
-                                                                                        args.batches)),
-        "e": ("(e) (d) with model.dtype=bfloat16", lambda: Actdata(at(L, "bfloat16", compile=True), args.batches)),
+        "d": (f"(d)  actdata -> buffer, resid_post@{L}, generator.compile",
+              lambda: Actdata(at(L, compile=True), args.batches)),
+        "e": ("(e)  (d) with model.dtype=bfloat16", lambda: Actdata(at(L, "bfloat16", compile=True), args.batches)),
+        "dt": (f"(dt) (d0) through the 3-thread pipeline (CUDA's)",
+               lambda: Actdata(at(L), args.batches, threaded=True)),
     }
+    keys = [k for k in args.only.split(",") if k] or [k for k in runs if k != "dt"] + (["dt"] if args.threaded else [])
+    runs = {k: runs[k] for k in runs if k in keys}
     runners, rates = {}, {k: [] for k in runs}
     for k, (name, make) in runs.items():
         t0 = time.perf_counter()
         runners[k] = make()
         print(f"set up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    load0 = os.getloadavg()[0]
     for rep in range(args.reps):  # interleaved, so a neighbour's load hits every run alike
         for k, r in runners.items():
             rates[k].append(r.time(args.batches))
         print(f"rep {rep + 1}: " + "  ".join(f"{k}={v[-1]:,.0f}" for k, v in rates.items()), flush=True)
+    load1 = os.getloadavg()[0]
     for r in runners.values():
         if isinstance(r, Actdata):
             r.close()
     m = {k: statistics.median(v) for k, v in rates.items()}
-    ratios = {"c": ("(c)/(a)", m["c"] / m["a"], 1.0), "d0": ("(d0)/(b)", m["d0"] / m["b"], None),
-              "d": ("(d)/(b)", m["d"] / m["b"], 1.1), "e": ("(e)/(b)", m["e"] / m["b"], None)}
-    rows = [(runs[k][0], m[k], ratios.get(k)) for k in runs]
+
+    def ratio(num, den, target=None):
+        if num not in m or den not in m:
+            return ""
+        return f"{num}/{den} = {m[num] / m[den]:.2f}" + (f" (target >= {target})" if target else "")
+
+    notes = {"c": [ratio("c", "a'", 1.0), ratio("c", "a")], "d0": [ratio("d0", "b'"), ratio("d0", "b")],
+             "d": [ratio("d", "b'", 1.1), ratio("d", "b")], "e": [ratio("e", "b'")], "dt": [ratio("dt", "d0")]}
     print(f"\nSmolLM2-135M (embedded), fp32 unless noted, torch threads={args.threads}, batch {args.batch} x "
-          f"{args.ctx}, medians of {args.reps} reps x {args.batches} batches")
-    print(f"load average during the run: {os.getloadavg()[0]:.2f} (2 = both cores busy before we started)")
-    print(f"{'run':58s} {'tokens/s':>10s}   ratio")
-    for name, rate, ratio in rows:
-        r = "" if ratio is None else f"{ratio[0]} = {ratio[1]:.2f}" + (f" (target >= {ratio[2]})" if ratio[2] else "")
-        print(f"{name:58s} {rate:10,.0f}   {r}")
+          f"{args.ctx}, medians of {args.reps} reps x {args.batches} batches (steady state)")
+    print(f"1-min load average at the start / end of the timed reps: {load0:.2f} / {load1:.2f} "
+          f"(this benchmark alone keeps it near {args.threads}; more means other processes shared the cores)")
+    print(f"{'run':58s} {'tokens/s':>10s}  {'min..max':>15s}   ratio")
+    for k, (name, _) in runs.items():
+        note = "   ".join(n for n in notes.get(k, []) if n)
+        print(f"{name:58s} {m[k]:10,.0f}  {min(rates[k]):7,.0f}..{max(rates[k]):<7,.0f}   {note}")
 
 
 if __name__ == "__main__":
