@@ -64,8 +64,17 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
     from .generator import read_statuses
     from .server import Rates
 
-    rates, tty, last_line = Rates(), sys.stderr.isatty(), 0.0
+    rates, tty, last_line, last_answer = Rates(), sys.stderr.isatty(), 0.0, time.time()
     while not stop.wait(0.5):
+        try:  # the HTTP processes are the product: if they are gone, stop the rest too
+            if time.time() - last_answer > 2.0:
+                with urllib.request.urlopen(url + "/", timeout=5.0):
+                    last_answer = time.time()
+        except OSError:
+            if time.time() - last_answer > 10:
+                log.error("the HTTP processes stopped answering on %s; shutting down", url)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
         st = buffer.stats()
         r = rates.update(st)
         gens = " ".join(f"{g['name']}:{g['state']}" + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
@@ -118,6 +127,7 @@ def serve(cfg: Config) -> None:
 
         os.register_at_fork(after_in_child=lambda: _forked_child(buffer))  # LitServe's HTTP processes
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (a background job)
         metrics = ServingMetrics(buffer.spec.path + ".metrics", create=True)
         server = build_server(cfg, buffer, metrics, api_key)
         host = "127.0.0.1" if cfg.server.host == "0.0.0.0" else ("::1" if cfg.server.host == "::" else cfg.server.host)
