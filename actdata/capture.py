@@ -300,7 +300,11 @@ class Capture:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[-1] != self.rows.shape[-1]:
             raise RuntimeError(f"site {s.module}:{s.where} has width {flat.shape[-1]}, expected {self.rows.shape[-1]}")
-        self.rows[:, s.point, s.layer] = flat.index_select(0, self.index)
+        dst = self.rows[:, s.point, s.layer]
+        if dst.is_contiguous() and dst.dtype == flat.dtype:  # one site, same dtype: gather straight into the rows
+            torch.index_select(flat, 0, self.index, out=dst)
+        else:
+            dst.copy_(flat.index_select(0, self.index))
         self._done.add(i)
         if len(self._done) == len(self.plan.sites):
             raise _Stop
