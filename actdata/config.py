@@ -83,7 +83,7 @@ class GeneratorConfig:
     drop_special: bool = True  # pad and other special tokens never reach the buffer
     outlier_factor: Optional[float] = None  # drop rows whose norm exceeds this multiple of the running median
     rows_per_second: Optional[float] = None  # synthetic source: throttle; null = flat out
-    compile: bool = False  # torch.compile the transformer blocks (~10-15% faster forwards; ~30 s more start-up on CPU)
+    compile: bool = False  # torch.compile blocks without capture sites (~5-10% faster on CPU; ~10-35 s more start-up)
     seed: int = 0
 
 

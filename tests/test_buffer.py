@@ -3,6 +3,7 @@ with checksummed rows across processes, sparse allocation, space checks and recl
 import multiprocessing as mp
 import os
 import resource
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +111,7 @@ def _reader(spec, total, out_q):
         try:
             _, rows = buf.read(64)
         except NotReady:
+            time.sleep(0.0005)  # let the writer have the core
             continue
         got, ok = verify_rows(rows)
         torn += int((~ok).sum())
