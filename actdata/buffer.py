@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import glob
 import math
 import mmap
 import os
@@ -231,10 +232,12 @@ class SharedActivationBuffer:
             pass
 
     def unlink(self) -> None:
-        try:
-            os.unlink(self.spec.path)
-        except FileNotFoundError:
-            pass
+        """Remove the buffer file and its side files (`<path>.*`: generator statuses, serving metrics)."""
+        for path in [self.spec.path, *glob.glob(glob.escape(self.spec.path) + ".*")]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self):
         return self

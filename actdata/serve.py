@@ -7,7 +7,6 @@ unlink the buffer. Nothing is allocated before the config has been checked.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -144,8 +143,6 @@ def serve(cfg: Config) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         log.info("stopping: terminating child processes and removing %s", buffer.spec.path)
         kill_descendants()
-        for side in glob.glob(glob.escape(buffer.spec.path) + ".*"):  # generator statuses, metrics
-            os.unlink(side)
         buffer.close()
         if cfg.server.ready_file:
             try:

@@ -191,3 +191,11 @@ def test_rows_of_a_batch_go_to_random_slots():
         ids = buf.claim_free(100)
         assert np.abs(np.diff(np.sort(ids))).max() > 1  # not one contiguous run
         assert len(set((ids // 1000).tolist())) > 5  # spread over the buffer
+
+
+def test_close_removes_side_files():
+    buf = SharedActivationBuffer.create(10, (16,), "float32")
+    side = buf.spec.path + ".gen-cpu-w0.json"
+    open(side, "w").close()
+    buf.close()
+    assert not os.path.exists(side) and not os.path.exists(buf.spec.path)
