@@ -43,7 +43,8 @@ _HEADER_BYTES = _PAGE
 # header slots (int64 unless noted)
 (_MAGIC, _CAPACITY, _N_FREE, _N_READY, _N_WRITING, _N_READING, _WRITTEN, _READ, _EPOCH, _BATCHES,
  _CONTEXTS_SEEN, _REFRESHED) = range(12)
-_F_CREATED, _F_MIX_SUM = 32, 33  # float64 slots
+_F_CREATED, _F_MIX_SUM, _F_RATE_IN, _F_RATE_OUT, _F_RATE_AT = 32, 33, 34, 35, 36  # float64 slots
+RATE_WINDOW_S = 5.0
 
 
 class NotReady(RuntimeError):
@@ -181,6 +182,7 @@ class SharedActivationBuffer:
         self._bytes = raw.numpy().reshape(cap, spec.row_bytes)  # the same rows as raw bytes
         self._lock = ProcessLock(spec.path)
         self._rng_pid, self._rng = None, None
+        self._rate_samples: list[tuple[float, int, int]] = []  # (time, written, read), for sample_rates
 
     # -- life cycle -----------------------------------------------------------------------------
     @classmethod
@@ -364,6 +366,20 @@ class SharedActivationBuffer:
             self._h[_REFRESHED] += n
         return n
 
+    def sample_rates(self) -> None:
+        """Update the published rows/s in and out (over the last RATE_WINDOW_S seconds) from the shared
+        counters. One process of a server calls this periodically; every process reads the result."""
+        now = time.time()
+        window = self._rate_samples
+        window.append((now, int(self._h[_WRITTEN]), int(self._h[_READ])))
+        while len(window) > 2 and now - window[1][0] >= RATE_WINDOW_S:
+            window.pop(0)
+        t0, w0, r0 = window[0]
+        if now > t0:
+            self._hf[_F_RATE_IN] = (window[-1][1] - w0) / (now - t0)
+            self._hf[_F_RATE_OUT] = (window[-1][2] - r0) / (now - t0)
+            self._hf[_F_RATE_AT] = now
+
     def note_contexts(self, n: int) -> None:
         """Writers count the contexts (sequences) they consumed."""
         with self._lock:
@@ -388,6 +404,8 @@ class SharedActivationBuffer:
             "max_reads": self.spec.max_reads,
             "serving": int(h[_N_READY]) >= self.spec.min_fill * cap and int(h[_N_READY]) > 0,
             "rows_written": int(h[_WRITTEN]),
+            "writes_per_s": float(self._hf[_F_RATE_IN]),  # rows/s over the last few seconds
+            "reads_per_s": float(self._hf[_F_RATE_OUT]),
             "rows_read": int(h[_READ]),
             "rows_refreshed": int(h[_REFRESHED]),
             "refresh_epoch": int(h[_EPOCH]),

@@ -61,9 +61,8 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
             json.dump({"url": url, "port": int(url.rsplit(":", 1)[1]), "pid": os.getpid()}, f)
         os.replace(tmp, cfg.server.ready_file)
     from .generator import read_statuses
-    from .server import Rates
 
-    rates, tty, last_line, last_answer = Rates(), sys.stderr.isatty(), 0.0, time.time()
+    tty, last_line, last_answer = sys.stderr.isatty(), 0.0, time.time()
     while not stop.wait(0.5):
         try:  # the HTTP processes are the product: if they are gone, stop the rest too
             if time.time() - last_answer > 2.0:
@@ -74,15 +73,15 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
                 log.error("the HTTP processes stopped answering on %s; shutting down", url)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+        buffer.sample_rates()  # published for every process's /stats
         st = buffer.stats()
-        r = rates.update(st)
         gens = " ".join(f"{g['name']}:{g['state']}" + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
                         for g in read_statuses(buffer.spec))
         if not st["serving"]:
             target = max(1, int(st["min_fill"] * st["capacity"]))
             frac = min(1.0, st["ready"] / target)
             bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-            line = f"filling [{bar}] {st['ready']:,}/{target:,} rows to min_fill | {r['rows_per_s_in']:,.0f} rows/s | {gens}"
+            line = f"filling [{bar}] {st['ready']:,}/{target:,} rows to min_fill | {st['writes_per_s']:,.0f} rows/s | {gens}"
             if tty:
                 print("\r" + line[:160], end="", file=sys.stderr, flush=True)
             elif time.time() - last_line >= 5:
@@ -92,7 +91,8 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
             if tty and last_line == 0.0:
                 print(file=sys.stderr)
             log.info("fill %5.1f%% | in %s rows/s | out %s rows/s (%.1f MB/s) | %s", 100 * st["fill"],
-                     f"{r['rows_per_s_in']:,.0f}", f"{r['rows_per_s_out']:,.0f}", r["bytes_per_s_out"] / 1e6, gens)
+                     f"{st['writes_per_s']:,.0f}", f"{st['reads_per_s']:,.0f}",
+                     st["reads_per_s"] * st["row_bytes"] / 1e6, gens)
             last_line = time.time()
 
 

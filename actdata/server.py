@@ -70,25 +70,6 @@ class GeneratorWorker(ls.LitAPI):
         raise NotImplementedError
 
 
-class Rates:
-    """Rows/s in and out of the buffer over the last ~10 s, from the buffer's shared counters."""
-
-    def __init__(self):
-        self.samples: list[tuple[float, int, int]] = []
-
-    def update(self, stats: dict) -> dict:
-        now = time.time()
-        self.samples.append((now, stats["rows_written"], stats["rows_read"]))
-        self.samples = [s for s in self.samples if now - s[0] <= 10.0]
-        t0, w0, r0 = self.samples[0]
-        if now - t0 < 0.5:  # too short a window: average over the buffer's life
-            t0, w0, r0 = stats["created_at"], 0, 0
-        dt = max(now - t0, 1e-9)
-        rows_out = (stats["rows_read"] - r0) / dt
-        return {"rows_per_s_in": (stats["rows_written"] - w0) / dt, "rows_per_s_out": rows_out,
-                "bytes_per_s_out": rows_out * stats["row_bytes"]}
-
-
 class _ResponseTensors:
     """Reusable response tensors for one HTTP process. A fresh 12 MB tensor per request costs ~1 ms of
     page faults. A tensor is lent out with the body made from it, and reused only once nothing refers to
@@ -135,7 +116,6 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     spec = buffer.spec
     max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
                           cfg.server.max_bytes_per_request // spec.row_bytes))
-    rates = Rates()
     pool = _ResponseTensors(spec.sample_shape, buffer.data.dtype)
     started = time.time()
     retry = {"Retry-After": str(cfg.server.retry_after_s)}
@@ -173,7 +153,8 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         st = buffer.stats()
         st["generators"] = read_statuses(spec)
         st["server"] = {"pid": os.getpid(), "http_workers": cfg.server.workers, "uptime_s": time.time() - started,
-                        "max_samples_per_request": max_rows, **rates.update(st)}
+                        "max_samples_per_request": max_rows,
+                        "bytes_per_s_out": st["reads_per_s"] * st["row_bytes"]}
         return st
 
     @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype)",
