@@ -85,8 +85,10 @@ class Meter(pl.Callback):
             dt = time.perf_counter() - self.t0
             self.steps_per_s, self.samples_per_s = (step - self.warmup) / dt, self.rows / dt
         if step % self.log_every == 0 or step == trainer.max_steps:
+            speed = (f"{self.samples_per_s:,.0f} samples/s  {self.steps_per_s:.2f} steps/s"
+                     if step > self.warmup else f"(speed measured after {self.warmup} warm-up steps)")
             print(f"[{self.label}] step {step:5d}  loss {module.last['loss']:.4g}  FVE {module.last['fve']:.3f}  "
-                  f"{self.samples_per_s:,.0f} samples/s  {self.steps_per_s:.2f} steps/s", flush=True)
+                  f"{speed}", flush=True)
 
 
 class InMemory(IterableDataset):
