@@ -6,6 +6,7 @@ given) that every process attaches to by path:
     header   counters (free/ready/writing/reading counts, rows written/read, refresh epoch, ...)
     state    int8  [capacity]  FREE -> WRITING -> READY -> READING -> FREE (or READY again)
     reads    int32 [capacity]  times the row was served since it was written
+    owner    int32 [capacity]  pid of the process holding a WRITING/READING claim (reclaimed if it dies)
     origin   int64 [capacity]  the context a row came from (for the batch-mixing statistic)
     free     int64 [capacity]  list of FREE slot ids (first n_free entries valid)
     ready    int64 [capacity]  list of READY slot ids (first n_ready entries valid)
@@ -66,7 +67,7 @@ def _align(n: int, a: int) -> int:
 
 def _layout(capacity: int, row_bytes: int) -> dict:
     off, out = _HEADER_BYTES, {}
-    for name, itemsize in (("state", 1), ("reads", 4), ("origin", 8), ("free", 8), ("ready", 8)):
+    for name, itemsize in (("state", 1), ("reads", 4), ("owner", 4), ("origin", 8), ("free", 8), ("ready", 8)):
         out[name] = off
         off = _align(off + capacity * itemsize, 64)
     out["data"] = _align(off, _PAGE)
@@ -173,6 +174,7 @@ class SharedActivationBuffer:
         if self._h[_MAGIC] not in (0, MAGIC) or (self._h[_MAGIC] == MAGIC and self._h[_CAPACITY] != cap):
             raise ValueError(f"{spec.path} is not an actdata buffer of capacity {cap}")
         self._state = np.frombuffer(_mm, np.int8, cap, lay["state"])
+        self._owner = np.frombuffer(_mm, np.int32, cap, lay["owner"])
         self._reads = np.frombuffer(_mm, np.int32, cap, lay["reads"])
         self._origin = np.frombuffer(_mm, np.int64, cap, lay["origin"])
         self._free = np.frombuffer(_mm, np.int64, cap, lay["free"])
@@ -227,7 +229,7 @@ class SharedActivationBuffer:
         if self.owner:
             self.unlink()
         self.data = self._bytes = self._h = self._hf = None  # drop views of the map before closing it
-        self._state = self._reads = self._origin = self._free = self._ready = None
+        self._state = self._reads = self._owner = self._origin = self._free = self._ready = None
         try:
             self._mm.close()
         except BufferError:  # a caller still holds a view of the rows; the map goes with it
@@ -254,6 +256,7 @@ class SharedActivationBuffer:
             k = min(int(k), int(self._h[_N_FREE]))
             ids = self._take(self._free, _N_FREE, k)
             self._state[ids] = WRITING
+            self._owner[ids] = os.getpid()
             self._h[_N_WRITING] += k
         return ids
 
@@ -303,6 +306,7 @@ class SharedActivationBuffer:
                 raise NotReady(f"only {n_ready} rows ready, {k} asked")
             ids = self._take(self._ready, _N_READY, int(k))
             self._state[ids] = READING
+            self._owner[ids] = os.getpid()
             self._h[_N_READING] += len(ids)
             return ids, int(self._h[_EPOCH])
 
@@ -379,6 +383,26 @@ class SharedActivationBuffer:
             self._hf[_F_RATE_IN] = (window[-1][1] - w0) / (now - t0)
             self._hf[_F_RATE_OUT] = (window[-1][2] - r0) / (now - t0)
             self._hf[_F_RATE_AT] = now
+
+    def reclaim_orphans(self) -> int:
+        """Free the slots claimed (WRITING or READING) by processes that have died since, e.g. a killed
+        generator or HTTP process; without this they would be lost to the buffer for good. A row that was
+        being read is freed, not served again: part of it may have reached a client. Scans the state
+        array (O(capacity)): for a periodic background check, not the request path. Returns slots freed."""
+        with self._lock:
+            claimed = np.nonzero((self._state == WRITING) | (self._state == READING))[0]
+            if len(claimed) == 0:
+                return 0
+            dead = [p for p in np.unique(self._owner[claimed]).tolist() if not _pid_alive(p)]
+            ids = claimed[np.isin(self._owner[claimed], dead)]
+            if len(ids) == 0:
+                return 0
+            self._h[_N_WRITING] -= int((self._state[ids] == WRITING).sum())
+            self._h[_N_READING] -= int((self._state[ids] == READING).sum())
+            self._state[ids] = FREE
+            self._reads[ids] = 0
+            self._put(self._free, _N_FREE, ids)
+            return len(ids)
 
     def note_contexts(self, n: int) -> None:
         """Writers count the contexts (sequences) they consumed."""

@@ -62,7 +62,7 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
         os.replace(tmp, cfg.server.ready_file)
     from .generator import read_statuses
 
-    tty, last_line, last_answer = sys.stderr.isatty(), 0.0, time.time()
+    tty, last_line, last_answer, last_reclaim = sys.stderr.isatty(), 0.0, time.time(), time.time()
     while not stop.wait(0.5):
         try:  # the HTTP processes are the product: if they are gone, stop the rest too
             if time.time() - last_answer > 2.0:
@@ -74,6 +74,11 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
         buffer.sample_rates()  # published for every process's /stats
+        if time.time() - last_reclaim > 5.0:
+            last_reclaim = time.time()
+            n = buffer.reclaim_orphans()
+            if n:
+                log.warning("freed %d rows claimed by a process that died mid-write or mid-read", n)
         st = buffer.stats()
         gens = " ".join(f"{g['name']}:{g['state']}" + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
                         for g in read_statuses(buffer.spec))

@@ -199,3 +199,30 @@ def test_close_removes_side_files():
     open(side, "w").close()
     buf.close()
     assert not os.path.exists(side) and not os.path.exists(buf.spec.path)
+
+
+def _claim_and_die(spec, writing: bool):
+    buf = SharedActivationBuffer.attach(spec)
+    if writing:
+        buf.claim_free(30)
+    else:
+        buf.claim_ready(20)
+    os._exit(0)  # dies holding its claims
+
+
+def test_claims_of_dead_processes_are_reclaimed():
+    ctx = mp.get_context("spawn")
+    with SharedActivationBuffer.create(100, (16,), "float32") as buf:
+        buf.write(make_rows(torch.arange(50), (16,), torch.float32))
+        assert buf.reclaim_orphans() == 0  # nobody died
+        for writing in (True, False):
+            p = ctx.Process(target=_claim_and_die, args=(buf.spec, writing))
+            p.start()
+            p.join(60)
+        st = buf.stats()
+        assert (st["writing"], st["reading"], st["free"], st["ready"]) == (30, 20, 20, 30)
+        mine = buf.claim_free(5)  # a live claim is left alone
+        assert buf.reclaim_orphans() == 50
+        st = buf.stats()
+        assert (st["writing"], st["reading"], st["free"], st["ready"]) == (5, 0, 65, 30)
+        assert (buf.states()[mine] == WRITING).all()
