@@ -109,7 +109,7 @@ def reclaim_stale(directory: str, prefix: str) -> list[str]:
         return removed
     for name in names:
         m = pattern.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             try:
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)
@@ -118,10 +118,13 @@ def reclaim_stale(directory: str, prefix: str) -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a pid that cannot be one counts as gone)."""
+    if not isinstance(pid, int) or pid <= 0:  # kill(0 or -1, 0) would ask about whole groups
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, ValueError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -393,7 +396,7 @@ class SharedActivationBuffer:
             claimed = np.nonzero((self._state == WRITING) | (self._state == READING))[0]
             if len(claimed) == 0:
                 return 0
-            dead = [p for p in np.unique(self._owner[claimed]).tolist() if not _pid_alive(p)]
+            dead = [p for p in np.unique(self._owner[claimed]).tolist() if not pid_alive(p)]
             ids = claimed[np.isin(self._owner[claimed], dead)]
             if len(ids) == 0:
                 return 0

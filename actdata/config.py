@@ -150,7 +150,6 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first bad key. Checks values only; space is checked by the buffer."""
     s, b, m, d, g = cfg.server, cfg.buffer, cfg.model, cfg.dataset, cfg.generator
-    _check(isinstance(s.host, str) and s.host != "", "server.host", "must be a host name or address")
     _check(s.host in HOSTS, "server.host", f"must be one of {', '.join(HOSTS)} (LitServe binds these), got {s.host!r}")
     _check(s.port == 0 or 1024 <= s.port <= 65535, "server.port",
            f"must be 1024..65535, or 0 for any free port, got {s.port}")

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .buffer import BufferSpec, SharedActivationBuffer
+from .buffer import BufferSpec, SharedActivationBuffer, pid_alive
 from . import wire
 from .config import Config, synthetic_shape
 
@@ -55,20 +55,10 @@ def read_statuses(spec: BufferSpec) -> list[dict]:
                 st = json.load(f)
         except (OSError, ValueError):
             continue
-        if st.get("state") not in ("stopped", "failed") and not _alive(st.get("pid", -1)):
+        if st.get("state") not in ("stopped", "failed") and not pid_alive(st.get("pid", -1)):
             st["state"] = "dead"
         out.append(st)
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, ValueError, OverflowError):
-        return False
-    except PermissionError:
-        return True
 
 
 class Status:

@@ -122,27 +122,25 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     NumSamples = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_rows})")
 
     def not_ready(e: NotReady) -> JSONResponse:
-        status, gens = generators_summary()
+        gens = read_statuses(spec)
         errors = "; ".join(f"generator {g['name']} {g['state']}: {g.get('last_error')}" for g in gens
                            if g["state"] in ("failed", "dead", "restarting"))
         return _error(503, f"{e}; {errors}" if errors else str(e), retry)
 
-    def generators_summary() -> tuple[str, list[dict]]:
-        gens = read_statuses(spec)
+    def health_status(st: dict, gens: list[dict]) -> str:
         states = {g["state"] for g in gens}
-        st = buffer.stats()
         if gens and states <= {"failed", "dead", "stopped"} and not st["serving"]:
-            return "failed", gens
+            return "failed"
         if not st["serving"]:
-            return "filling", gens
+            return "filling"
         if states & {"failed", "dead", "restarting"}:
-            return "degraded", gens
-        return "ok", gens
+            return "degraded"
+        return "ok"
 
     @app.get("/", summary="Health and status")
     def health():
-        status, gens = generators_summary()
-        st = buffer.stats()
+        st, gens = buffer.stats(), read_statuses(spec)
+        status = health_status(st, gens)
         return {"status": status, "serving": st["serving"], "fill": st["fill"], "ready": st["ready"],
                 "capacity": st["capacity"], "sample_shape": st["sample_shape"], "dtype": st["dtype"],
                 "generators": [{k: g.get(k) for k in ("name", "device", "state", "last_error")} for g in gens],
