@@ -37,6 +37,8 @@ class ServerConfig:
     log_file: Optional[str] = "actdata.log"  # null = console only
     status_interval_s: float = 10.0  # console status line period; 0 = off
     ready_file: Optional[str] = None  # when set, {"url", "port", "pid"} is written here once serving
+    node_rank: int = 0  # this server's index among num_nodes servers sharing one corpus (a cluster)
+    num_nodes: int = 1  # generator g of G: g = node_rank * local generators + worker index
 
 
 @dataclass
@@ -162,6 +164,9 @@ def validate(cfg: Config) -> None:
     _check(s.max_bytes_per_request >= 1, "server.max_bytes_per_request", "must be >= 1")
     _check(s.retry_after_s >= 0, "server.retry_after_s", "must be >= 0")
     _check(s.status_interval_s >= 0, "server.status_interval_s", "must be >= 0")
+    _check(s.num_nodes >= 1, "server.num_nodes", f"must be >= 1, got {s.num_nodes}")
+    _check(0 <= s.node_rank < s.num_nodes, "server.node_rank",
+           f"must be in 0..server.num_nodes-1 = 0..{s.num_nodes - 1}, got {s.node_rank}")
 
     _check(b.size >= 1, "buffer.size", f"must be a positive number of rows, got {b.size}")
     _check(b.dtype in DTYPES, "buffer.dtype", f"must be one of {', '.join(DTYPES)}, got {b.dtype!r}")

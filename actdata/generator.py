@@ -37,7 +37,7 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int) -> Itera
 
         return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype], first_id=index << 40,
                                rows_per_second=cfg.generator.rows_per_second)
-    from .capture import ModelSource
+    from .pipeline import ModelSource
 
     return ModelSource(cfg, device, index)
 

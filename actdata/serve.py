@@ -28,7 +28,7 @@ def sample_shape(cfg: Config) -> tuple[int, ...]:
     """The row shape: from the config for the synthetic source, from the model's config otherwise."""
     if cfg.generator.source == "synthetic":
         return synthetic_shape(cfg)
-    from .capture import sample_shape as model_shape
+    from .sites import sample_shape as model_shape
 
     return tuple(model_shape(cfg))
 

@@ -40,7 +40,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from actdata.buffer import SharedActivationBuffer
-from actdata.capture import ModelSource, load_model, load_tokenizer, model_path, sample_shape
+from actdata.model import load_model, load_tokenizer, model_path
+from actdata.pipeline import ModelSource
+from actdata.sites import sample_shape
 from actdata.config import Config
 from actdata.text import TokenBlocks
 from actdata.wire import DTYPES

@@ -18,7 +18,8 @@ $PY - <<'EOF'
 import statistics, time
 import torch
 from actdata.buffer import SharedActivationBuffer
-from actdata.capture import Capture, ModelSource, sample_shape
+from actdata.pipeline import ModelSource
+from actdata.sites import Capture, sample_shape
 from actdata.config import Config
 
 B, T, L, N = 32, 256, 14, 12

@@ -14,7 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from actdata.capture import Capture, ModelSource, OutlierFilter, keep_mask, load_model, make_plan, sample_shape
+from actdata.model import load_model
+from actdata.pipeline import ModelSource
+from actdata.sites import Capture, OutlierFilter, keep_mask, make_plan, sample_shape
 from actdata.config import SITES, Config, ConfigError
 from actdata.text import TokenBlocks
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from actdata.buffer import BufferSpec, SharedActivationBuffer
-from actdata.capture import ModelSource, sample_shape
+from actdata.pipeline import ModelSource
+from actdata.sites import sample_shape
 from actdata.config import Config, ConfigError
 from actdata.generator import read_statuses, run_supervised
 

@@ -1,4 +1,5 @@
-"""Model + hooks -> activation rows: loading, capture sites, early stopping, token filtering.
+"""Capture sites: where in the model a row's vectors come from, the hooks that take them, and which
+token positions are kept.
 
 Sites. A named point at block i of a GPT-2 or Llama-family model means:
 
@@ -25,34 +26,15 @@ Kept positions: attention mask 1, minus position 0 (the BOS every block starts w
 `generator.drop_bos`, minus tokens in the tokenizer's special ids when `generator.drop_special`; then,
 with `generator.outlier_factor`, minus rows with a vector whose norm exceeds that multiple of the
 running median norm of its site (attention sinks and the like).
-
-Pipeline (`ModelSource`). On CUDA: a thread tokenises and packs text into a small queue; a second
-thread runs the forwards and puts finished rows into another small queue; the consumer (the buffer
-write) reads them. So tokenisation and buffer writes overlap the next forward. Rows go device -> host
-through pinned staging buffers with non-blocking copies; a staging buffer is reused only after the
-consumer has asked for the next item, so the rows of an item stay valid until then. On the CPU the
-same three steps run one after the other in the consumer's thread: the forward's intra-op threads
-already use every core, the other steps take milliseconds per batch, and threads competing with the
-forward's OpenMP workers cost more than the overlap would gain.
 """
 from __future__ import annotations
 
-import logging
-import os
-import queue
-import re
-import threading
-import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 
 from .config import SITES, Config, ConfigError
-from .wire import DTYPES as TORCH_DTYPES
-
-log = logging.getLogger("actdata.capture")
 
 # per layout: (attribute names of the attention sublayer, of the MLP)
 ATTN_NAMES, MLP_NAMES = ("attn", "self_attn", "attention"), ("mlp", "feed_forward")
@@ -61,62 +43,6 @@ OUTLIER_MEMORY = 0.05  # weight of a new batch in the running median norm
 
 class _Stop(Exception):
     """Raised by the last capture hook to end the forward early."""
-
-
-# -- model and config ---------------------------------------------------------------------------------
-def model_path(name: str) -> str:
-    """`embedded` -> the cached safetensors copy of the shipped SmolLM2; otherwise unchanged."""
-    if name == "embedded":
-        from .embedded import model_dir
-
-        return model_dir()
-    return name
-
-
-def load_config(cfg: Config):
-    from transformers import AutoConfig
-
-    m = cfg.model
-    path = model_path(m.name)
-    try:
-        return AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except Exception as e:
-        raise ConfigError(f"model.name: cannot load the config of {m.name!r}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
-
-
-def meta_model(hf_config, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The base model's module tree without weights (meta tensors): for planning, costs no memory."""
-    from transformers import AutoModel
-
-    with torch.device("meta"):
-        return AutoModel.from_config(hf_config, trust_remote_code=trust_remote_code)
-
-
-def load_model(cfg: Config, device: str) -> torch.nn.Module:
-    """The base model (no LM head) in `model.dtype` on `device`, in eval mode, without gradients."""
-    from transformers import AutoModel
-
-    m = cfg.model
-    kw = dict(dtype=TORCH_DTYPES[m.dtype], revision=m.revision, trust_remote_code=m.trust_remote_code)
-    if device.startswith("cuda"):
-        kw["device_map"] = device
-    try:
-        model = AutoModel.from_pretrained(model_path(m.name), **kw)
-    except Exception as e:
-        raise ConfigError(f"model.name: cannot load {m.name!r}: {type(e).__name__}: {e}") from e
-    if not device.startswith("cuda"):
-        model.to(device)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    m = cfg.model
-    return AutoTokenizer.from_pretrained(model_path(m.name), revision=m.revision,
-                                         trust_remote_code=m.trust_remote_code)
 
 
 # -- the capture plan -----------------------------------------------------------------------------------
@@ -240,6 +166,8 @@ def check_buffer(cfg: Config, plan: Plan) -> None:
 def sample_shape(cfg: Config) -> tuple[int, ...]:
     """The row shape for this config, from the model's config alone (no weights, no CUDA).
     Raises ConfigError naming the key when the config contradicts the model."""
+    from .model import load_config, meta_model
+
     hf_config = load_config(cfg)
     plan = make_plan(cfg, meta_model(hf_config, cfg.model.trust_remote_code), hf_config)
     check_buffer(cfg, plan)
@@ -373,183 +301,3 @@ class OutlierFilter:
         med = norms.median(dim=0).values
         self.median = med if self.median is None else (1 - OUTLIER_MEMORY) * self.median + OUTLIER_MEMORY * med
         return (norms <= self.factor * self.median).flatten(1).all(dim=1)
-
-
-# -- the source -----------------------------------------------------------------------------------------
-class ModelSource:
-    """Endless (rows, origin, info) items from a model over a text corpus on one device.
-
-    rows: CPU tensor [k, *sample_shape] in buffer.dtype; valid until the next item is requested.
-    origin: int64 [k], the context each row comes from: (index << 40) | context counter.
-    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so far}.
-    The model and tokenizer load in the constructor; iterating starts the pipeline threads.
-    """
-
-    QUEUE_DEPTH = 3  # token batches waiting for a forward; finished items waiting for the consumer
-
-    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # keep the cores for the forward
-        g = cfg.generator
-        self.cfg, self.index, self.loop = cfg, index, loop
-        self.device = torch.device(device if cfg.model.device in ("auto", "", None) else cfg.model.device)
-        t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(cfg)
-        self.model = load_model(cfg, str(self.device))
-        self.plan = make_plan(cfg, self.model, self.model.config)
-        check_buffer(cfg, self.plan)
-        self.dtype = TORCH_DTYPES[cfg.buffer.dtype]
-        if g.compile:
-            compile_blocks(self.model, self.plan)
-        self.capture = Capture(self.model, self.plan, self.dtype)
-        self.special_ids = set(self.tokenizer.all_special_ids)
-        self.outliers = OutlierFilter(g.outlier_factor) if g.outlier_factor else None
-        self.contexts = 0
-        log.info("model %s on %s (%s) loaded in %.1f s; rows %s %s from %d sites", cfg.model.name, self.device,
-                 cfg.model.dtype, time.perf_counter() - t0, list(self.plan.shape), cfg.buffer.dtype,
-                 len(self.plan.sites))
-
-    def blocks(self):
-        from .text import TokenBlocks
-
-        g = self.cfg.generator
-        return TokenBlocks(self.cfg.dataset, self.tokenizer, g.context_length, g.batch_size, loop=self.loop)
-
-    def keep(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        g = self.cfg.generator
-        return keep_mask(input_ids, attention_mask, self.special_ids, g.drop_bos, g.drop_special)
-
-    # Stage 1 (thread): text -> (input ids, mask, kept flat positions, origin ids) on the host.
-    def _prepare(self) -> Iterator[tuple]:
-        pin = self.device.type == "cuda"
-        for b in self.blocks():
-            keep = self.keep(b.input_ids, b.attention_mask)
-            flat = keep.view(-1).nonzero().squeeze(1)
-            n, T = b.input_ids.shape
-            ctx = (self.index << 40) | (self.contexts + np.arange(n, dtype=np.int64))
-            self.contexts += n
-            origin = ctx[(flat // T).numpy()]
-            mask = None if bool(b.attention_mask.all()) else b.attention_mask  # None: plain causal attention
-            tensors = [b.input_ids, mask, flat]
-            if pin:
-                tensors = [t.pin_memory() if t is not None else None for t in tensors]
-            tokens = int(b.attention_mask.sum())
-            yield (*tensors, origin, {"contexts": n, "tokens": tokens, "corpus_passes": b.corpus_passes})
-
-    # Stage 2 (thread): forward -> rows on the host.
-    def _forward(self, item, staging: Optional[torch.Tensor]):
-        ids, mask, flat, origin, info = item
-        dev = self.device
-        rows = self.capture(ids.to(dev, non_blocking=True),
-                            None if mask is None else mask.to(dev, non_blocking=True),
-                            flat.to(dev, non_blocking=True))
-        event = None
-        if staging is not None:  # CUDA: copy to pinned memory on a side stream; the next forward overlaps it
-            host = staging[:len(rows)]
-            self._copy_stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(self._copy_stream):
-                host.copy_(rows, non_blocking=True)
-                rows.record_stream(self._copy_stream)  # not reused by the allocator before the copy ends
-                event = torch.cuda.Event()
-                event.record(self._copy_stream)
-            rows = host
-        return rows, origin, info, event
-
-    def _finish(self, rows: torch.Tensor, origin: np.ndarray, info: dict):
-        if self.outliers is not None and len(rows):
-            ok = self.outliers(rows)
-            if not bool(ok.all()):
-                rows, origin = rows[ok], origin[ok.numpy()]
-        return rows.reshape(len(rows), *self.plan.shape), origin, info
-
-    def __iter__(self):
-        if self.device.type != "cuda":
-            return self._iter_inline()
-        return self._iter_threaded()
-
-    def _iter_inline(self):
-        """Not CUDA: prepare -> forward -> finish in the consumer's own thread. A CPU forward keeps every
-        core busy with its intra-op threads; tokenising and writing a batch take milliseconds against a
-        forward of ~0.5 s, so overlapping them gains nothing, while extra busy Python threads preempt the
-        forward's OpenMP workers (which spin at their barriers) and slow every forward down."""
-        for item in self._prepare():
-            rows, origin, info, _ = self._forward(item, None)
-            yield self._finish(rows, origin, info)
-
-    def _iter_threaded(self):
-        stop = threading.Event()
-        prepared: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
-        done: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
-        cuda = self.device.type == "cuda"
-        g = self.cfg.generator
-        pool: queue.Queue = queue.Queue()
-        if cuda:  # one staging buffer per item that can be in flight, plus the one the consumer holds
-            for _ in range(self.QUEUE_DEPTH + 2):
-                pool.put(torch.empty((g.batch_size * g.context_length, *self.plan.full), dtype=self.dtype,
-                                     pin_memory=True))
-
-        def put(q, item):
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def run_prepare():
-            try:
-                for item in self._prepare():
-                    if not put(prepared, item):
-                        return
-                put(prepared, None)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                put(prepared, e)
-
-        def run_forward():
-            try:
-                if cuda:
-                    torch.cuda.set_device(self.device)
-                    self._copy_stream = torch.cuda.Stream(self.device)
-                pending = None  # CUDA: the item whose copy is in flight while the next forward runs
-                while not stop.is_set():
-                    try:
-                        item = prepared.get(timeout=0.1)
-                    except queue.Empty:
-                        continue
-                    if item is None or isinstance(item, BaseException):
-                        if pending is not None:
-                            pending[3].synchronize()
-                            put(done, (pending[:3], pending[4]))
-                        put(done, item)
-                        return
-                    staging = pool.get() if cuda else None
-                    result = self._forward(item, staging)
-                    if not cuda:
-                        put(done, (result[:3], None))
-                        continue
-                    if pending is not None:
-                        pending[3].synchronize()
-                        put(done, (pending[:3], pending[4]))
-                    pending = (*result, staging)
-            except BaseException as e:  # noqa: BLE001
-                put(done, e)
-
-        threads = [threading.Thread(target=run_prepare, name="actdata-tokenize", daemon=True),
-                   threading.Thread(target=run_forward, name="actdata-forward", daemon=True)]
-        for t in threads:
-            t.start()
-        try:
-            while True:
-                item = done.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                (rows, origin, info), staging = item
-                yield self._finish(rows, origin, info)
-                if staging is not None:
-                    pool.put(staging)  # the consumer is done with these rows
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=10)
