@@ -56,8 +56,8 @@ class BufferConfig:
 @dataclass
 class ModelConfig:
     name: str = "embedded"  # hub id, local directory, or `embedded` (SmolLM2-135M shipped by a package)
-    dtype: str = "float32"
-    device: str = "auto"  # auto = the device LitServe hands the generator worker
+    dtype: str = "auto"  # auto = bfloat16 on CUDA; on the CPU bfloat16 where it has native bf16, else float32
+    device: str = "auto"  # auto = the device LitServe hands the generator worker (set by hand: server.devices=1)
     revision: Optional[str] = None
     trust_remote_code: bool = False
 
@@ -202,7 +202,12 @@ def validate(cfg: Config) -> None:
            "must be null or > 1 (a multiple of the running median norm)")
     _check(g.rows_per_second is None or g.rows_per_second > 0, "generator.rows_per_second", "must be null or > 0")
 
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+    _check(m.dtype in ("auto", *DTYPES), "model.dtype", f"must be auto or one of {', '.join(DTYPES)}, got {m.dtype!r}")
+    if m.device not in ("auto", "", None):
+        _check(s.accelerator == "cpu" or s.devices == 1, "model.device",
+               f"set by hand ({m.device!r}) while server.devices={s.devices!r} may start one generator per device: "
+               "every generator would load its model onto that one device; set server.devices=1 to use it, "
+               "or model.device=auto to give each generator its own device")
     _check(bool(m.name), "model.name", "must name a hub model, a local directory or 'embedded'")
     _check(bool(d.name), "dataset.name", "must name a hub dataset, a local file or 'embedded'")
     _check(cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "log_level",

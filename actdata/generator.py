@@ -5,9 +5,15 @@ its device, writes every batch into random free slots of the buffer, publishes i
 rates, counters, last error) in a small JSON file beside the buffer, and restarts the source with
 back-off when it fails. A source that fails before producing anything `startup_attempts` times in a
 row is reported as failed and not restarted again (a bad model or dataset name will not fix itself).
+Before a restart the old source (its model, hooks, staging buffers) is freed, and the CUDA cache
+emptied, so two models never sit on the device at once. A CUDA error that leaves the process's context
+unusable (device-side assert, illegal memory access: see placement.poisons_context) is not retried in
+this process: the worker process exits with POISONED_EXIT and LitServe (restart_workers) starts a fresh
+one, whose Status carries the restart count and the error on.
 """
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import logging
@@ -25,6 +31,7 @@ from . import wire
 from .config import Config, synthetic_shape
 
 log = logging.getLogger("actdata.generator")
+POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure has made unusable
 
 # Each yielded item: rows [k, *sample_shape] on the CPU, origin ids [k] (context of each row), and
 # running counters {"contexts": n, "tokens": n, "corpus_passes": n (optional)} for this item.
@@ -40,6 +47,26 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int) -> Itera
     from .pipeline import ModelSource
 
     return ModelSource(cfg, device, index)
+
+
+def release_source(source) -> None:
+    """Free a source before the next one is built: its model and buffers, then the CUDA cache."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - freeing must not mask the failure being handled
+            log.exception("closing the failed source")
+    del source, close
+    gc.collect()  # frames of the failure's traceback may still hold the model
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def exit_process(code: int) -> None:
+    """End this worker process at once (LitServe starts a fresh one)."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def status_path(spec: BufferSpec, name: str) -> str:
@@ -68,7 +95,7 @@ class Status:
         self.path, self.interval, self._last = status_path(spec, name), interval, 0.0
         self.d = {"name": name, "pid": os.getpid(), "device": device, "source": source, "state": "loading",
                   "tokens_per_s": 0.0, "rows_per_s": 0.0, "rows_written": 0, "contexts": 0, "tokens": 0,
-                  "corpus_passes": 0, "restarts": 0, "last_error": None, "started_at": time.time(),
+                  "corpus_passes": 0, "rows_overflowed": 0, "restarts": 0, "last_error": None, "started_at": time.time(),
                   "updated_at": time.time()}
         self._window: list[tuple[float, int, int]] = []
         try:  # a previous process of this worker slot that died: carry its history
@@ -101,12 +128,16 @@ class Status:
 
 
 def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop: threading.Event,
-                   startup_attempts: int = 3, max_backoff_s: float = 30.0) -> None:
+                   startup_attempts: int = 3, max_backoff_s: float = 30.0, on_poisoned=exit_process) -> None:
     """Generate into the buffer until `stop` is set, restarting the source on failure."""
+    from .placement import poisons_context
+
     name = f"{device.replace(':', '')}-w{index}"  # stable across restarts of the worker process
     status = Status(spec, name, device, cfg.generator.source)
     buffer = SharedActivationBuffer.attach(spec)
+    buffer.populate_in_background(stop)  # map the rows ahead of this writer while the model loads
     failures_before_output, backoff = 0, 1.0
+    source = None
     try:
         while not stop.is_set():
             produced = 0
@@ -122,7 +153,8 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                                   rows_written=status.d["rows_written"] + n,
                                   contexts=status.d["contexts"] + info.get("contexts", 0),
                                   tokens=status.d["tokens"] + info.get("tokens", 0),
-                                  corpus_passes=info.get("corpus_passes", status.d["corpus_passes"]))
+                                  corpus_passes=info.get("corpus_passes", status.d["corpus_passes"]),
+                                  rows_overflowed=status.d["rows_overflowed"] + info.get("rows_overflowed", 0))
                     if stop.is_set():
                         break
                 else:
@@ -130,6 +162,12 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
             except Exception as e:  # a failing source must not take the server down
                 err = f"{type(e).__name__}: {e}"
                 log.error("generator %s failed: %s\n%s", name, err, traceback.format_exc())
+                if poisons_context(e):  # every later CUDA call of this process would fail: a fresh process
+                    status.update(force=True, state="restarting", last_error=err)
+                    log.error("generator %s: the CUDA context is unusable; ending worker process %d so that "
+                              "a fresh one is started", name, os.getpid())
+                    on_poisoned(POISONED_EXIT)
+                    return
                 failures_before_output = 0 if produced else failures_before_output + 1
                 if failures_before_output >= startup_attempts:
                     status.update(force=True, state="failed", last_error=err)
@@ -138,6 +176,9 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                     return
                 backoff = 1.0 if produced else min(backoff * 2, max_backoff_s)
                 status.update(force=True, state="restarting", last_error=err, restarts=status.d["restarts"] + 1)
+            finally:
+                source = release_source(source)  # the old model goes before a new one is built
+            if status.d["state"] == "restarting":
                 stop.wait(backoff)
         status.update(force=True, state="stopped")
     finally:

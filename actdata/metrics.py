@@ -113,12 +113,16 @@ def render(buffer: SharedActivationBuffer, metrics: ServingMetrics) -> bytes:
                                     labels=["generator"])
             rps = GaugeMetricFamily("actdata_generator_rows_per_second", "Rows/s of each generator",
                                     labels=["generator"])
+            overflow = CounterMetricFamily("actdata_generator_rows_overflowed",
+                                           "Rows dropped because they overflowed a float16 buffer (|x| > 65504)",
+                                           labels=["generator"])
             for g in gens:
                 state.add_metric([g["name"], g["device"], g["state"]], 1)
                 restarts.add_metric([g["name"]], g.get("restarts", 0))
                 tps.add_metric([g["name"]], g.get("tokens_per_s", 0.0))
                 rps.add_metric([g["name"]], g.get("rows_per_s", 0.0))
-            yield from (state, restarts, tps, rps)
+                overflow.add_metric([g["name"]], g.get("rows_overflowed", 0))
+            yield from (state, restarts, tps, rps, overflow)
             reqs = CounterMetricFamily("actdata_http_requests", "HTTP requests by route and status class",
                                        labels=["route", "code"])
             out = CounterMetricFamily("actdata_http_response_bytes", "Response body bytes sent by route",

@@ -3,11 +3,24 @@
 Pipeline. On CUDA: a thread tokenises and packs text into a small queue; a second
 thread runs the forwards and puts finished rows into another small queue; the consumer (the buffer
 write) reads them. So tokenisation and buffer writes overlap the next forward. Rows go device -> host
-through pinned staging buffers with non-blocking copies; a staging buffer is reused only after the
-consumer has asked for the next item, so the rows of an item stay valid until then. On the CPU the
+through host staging buffers (pinned on CUDA) with non-blocking copies on a side stream, waited for with
+blocking events (the waiting thread sleeps instead of spinning a core); a staging buffer is reused only
+after the consumer has asked for the next item, so the rows of an item stay valid until then. On the CPU the
 same three steps run one after the other in the consumer's thread: the forward's intra-op threads
 already use every core, the other steps take milliseconds per batch, and threads competing with the
-forward's OpenMP workers cost more than the overlap would gain.
+forward's OpenMP workers cost more than the overlap would gain. `threaded=True` forces the threaded
+pipeline on the CPU (staging buffers in ordinary memory, copies synchronous): the same queues, pool and
+stop handling, testable without a GPU.
+
+Filtering on the device. Positions are chosen before the forward (BOS, special tokens: on the host, as
+flat indices); rows with an outlier norm (`generator.outlier_factor`) and, for a float16 buffer fed by a
+wider model dtype, rows that overflowed float16 (|x| > 65504 becomes inf) are dropped on the device, so
+only kept rows are copied to the host. Dropped overflow rows are counted in `info["rows_overflowed"]`.
+
+Stopping. Every wait of the pipeline threads (queues, the staging pool) is a short timed wait that
+gives up once the pipeline is stopped; closing the iterator stops and joins both threads (at most
+JOIN_S seconds in all) and puts every staging buffer back in the pool, on every path (normal end,
+error, close while the consumer is blocked on a full buffer). `close()` frees the model.
 """
 from __future__ import annotations
 
@@ -22,11 +35,22 @@ import numpy as np
 import torch
 
 from .config import Config
-from .model import load_model, load_tokenizer
-from .sites import Capture, OutlierFilter, check_buffer, compile_blocks, keep_mask, make_plan
+from .model import load_config, load_model, load_tokenizer, meta_model
+from .placement import bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
+from .sites import (Capture, OutlierFilter, blocks_needed, check_buffer, check_model, compile_blocks,
+                    finite_rows, keep_mask, make_plan)
 from .wire import DTYPES as TORCH_DTYPES
 
 log = logging.getLogger("actdata.pipeline")
+_STOPPED = object()  # what a wait returns once the pipeline is stopped
+
+
+class _HostEvent:
+    """The stand-in for a CUDA copy event when the threaded pipeline runs on the CPU: copies are
+    synchronous there, so the copy is complete when the event exists."""
+
+    def synchronize(self) -> None:
+        pass
 
 
 class ModelSource:
@@ -34,32 +58,57 @@ class ModelSource:
 
     rows: CPU tensor [k, *sample_shape] in buffer.dtype; valid until the next item is requested.
     origin: int64 [k], the context each row comes from: (index << 40) | context counter.
-    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so far}.
-    The model and tokenizer load in the constructor; iterating starts the pipeline threads.
+    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so
+    far, "rows_overflowed": rows dropped because they overflowed a float16 buffer}.
+    The model and tokenizer load in the constructor (only the blocks up to the last captured one); iterating
+    starts the pipeline threads (CUDA, or `threaded=True`). `close()` frees the model.
     """
 
     QUEUE_DEPTH = 3  # token batches waiting for a forward; finished items waiting for the consumer
+    STAGING = QUEUE_DEPTH + 2  # staging buffers: one per item that can be in flight, plus the consumer's
+    JOIN_S = 1.0  # closing the iterator waits at most this long for the pipeline threads
+    POLL_S = 0.05  # every wait of a pipeline thread re-checks `stop` this often
 
-    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True):
+    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True,
+                 threaded: Optional[bool] = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # keep the cores for the forward
         g = cfg.generator
         self.cfg, self.index, self.loop = cfg, index, loop
-        self.device = torch.device(device if cfg.model.device in ("auto", "", None) else cfg.model.device)
-        t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(cfg)
-        self.model = load_model(cfg, str(self.device))
-        self.plan = make_plan(cfg, self.model, self.model.config)
-        check_buffer(cfg, self.plan)
+        # the current device of this thread before anything touches CUDA (no context on GPU 0 by accident)
+        self.device = bind(device if cfg.model.device in ("auto", "", None) else cfg.model.device)
+        self.threaded = self.device.type == "cuda" if threaded is None else bool(threaded)
+        self.model_dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.dtype = TORCH_DTYPES[cfg.buffer.dtype]
+        t0 = time.perf_counter()
+        hf_config = load_config(cfg)
+        check_model(cfg, hf_config)
+        meta = meta_model(hf_config, cfg.model.trust_remote_code)
+        plan = make_plan(cfg, meta, hf_config)
+        check_buffer(cfg, plan)
+        n_blocks = blocks_needed(plan, meta, int(hf_config.num_hidden_layers))
+        self.memory = estimate(cfg, hf_config, meta, n_blocks, int(np.prod(plan.full)), self.model_dtype,
+                               self.STAGING if self.threaded else 0)
+        del meta
+        check_fits(self.memory, self.device)  # before loading anything: a config that cannot fit fails here
+        precision = describe_dtype(self.model_dtype, self.device)
+        self.tokenizer = load_tokenizer(cfg)
+        self.model = load_model(cfg, str(self.device), self.model_dtype, n_blocks)
+        self.plan = make_plan(cfg, self.model, self.model.config)
         if g.compile:
             compile_blocks(self.model, self.plan)
         self.capture = Capture(self.model, self.plan, self.dtype)
         self.special_ids = set(self.tokenizer.all_special_ids)
         self.outliers = OutlierFilter(g.outlier_factor) if g.outlier_factor else None
+        # a float16 buffer fed by a wider dtype overflows above 65504: such rows are dropped and counted
+        self.check_overflow = self.dtype == torch.float16 and self.model_dtype != "float16"
+        self.max_rows = max_rows(cfg)
         self.contexts = 0
-        log.info("model %s on %s (%s) loaded in %.1f s; rows %s %s from %d sites", cfg.model.name, self.device,
-                 cfg.model.dtype, time.perf_counter() - t0, list(self.plan.shape), cfg.buffer.dtype,
+        self.pipeline: dict = {}  # the last threaded pipeline: threads, staging buffers (for tests, stats)
+        kept = "all" if n_blocks is None else f"{n_blocks} of {hf_config.num_hidden_layers}"
+        log.info("model %s on %s (%s) loaded in %.1f s, %s blocks; rows %s %s from %d sites", cfg.model.name,
+                 self.device, precision, time.perf_counter() - t0, kept, list(self.plan.shape), cfg.buffer.dtype,
                  len(self.plan.sites))
+        log.info("%s", self.memory.line())
 
     def blocks(self):
         from .text import TokenBlocks
@@ -88,34 +137,61 @@ class ModelSource:
             tokens = int(b.attention_mask.sum())
             yield (*tensors, origin, {"contexts": n, "tokens": tokens, "corpus_passes": b.corpus_passes})
 
-    # Stage 2 (thread): forward -> rows on the host.
+    # Stage 2 (thread): forward -> filter on the device -> kept rows to the host.
     def _forward(self, item, staging: Optional[torch.Tensor]):
+        """Returns (rows, origin, info, event, kept): rows on the host (in `staging` when given, valid
+        once `event` has completed), `kept` a host bool mask over `origin` (None: every row kept)."""
         ids, mask, flat, origin, info = item
         dev = self.device
         rows = self.capture(ids.to(dev, non_blocking=True),
                             None if mask is None else mask.to(dev, non_blocking=True),
                             flat.to(dev, non_blocking=True))
+        rows, kept, overflowed = self._filter(rows)
+        info = {**info, "rows_overflowed": overflowed}
         event = None
-        if staging is not None:  # CUDA: copy to pinned memory on a side stream; the next forward overlaps it
+        if staging is not None:
             host = staging[:len(rows)]
-            self._copy_stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(self._copy_stream):
-                host.copy_(rows, non_blocking=True)
-                rows.record_stream(self._copy_stream)  # not reused by the allocator before the copy ends
-                event = torch.cuda.Event()
-                event.record(self._copy_stream)
+            if dev.type == "cuda":  # copy on a side stream: the next forward overlaps it
+                self._copy_stream.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(self._copy_stream):
+                    host.copy_(rows, non_blocking=True)
+                    rows.record_stream(self._copy_stream)  # not reused by the allocator before the copy ends
+                    event = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, it does not spin
+                    event.record(self._copy_stream)
+            else:  # the threaded pipeline forced on the CPU: the same staging, copied at once
+                host.copy_(rows)
+                event = _HostEvent()
             rows = host
-        return rows, origin, info, event
+        elif rows.device.type != "cpu":
+            rows = rows.cpu()
+        return rows, origin, info, event, kept
 
-    def _finish(self, rows: torch.Tensor, origin: np.ndarray, info: dict):
-        if self.outliers is not None and len(rows):
-            ok = self.outliers(rows)
-            if not bool(ok.all()):
-                rows, origin = rows[ok], origin[ok.numpy()]
+    def _filter(self, rows: torch.Tensor):
+        """Drop, on the rows' device, float16 overflow rows and outlier rows; only the kept rows remain.
+        Returns (rows, kept: host bool mask over the input rows or None when all are kept, rows dropped
+        for overflow). The decision costs one small device->host copy (the masks): the host needs the
+        count of kept rows to copy exactly those."""
+        if len(rows) == 0 or not (self.check_overflow or self.outliers is not None):
+            return rows, None, 0
+        finite = finite_rows(rows) if self.check_overflow else None
+        ok = finite
+        if self.outliers is not None:  # an inf/nan row has no finite norm: it fails this test too
+            out = self.outliers(rows)
+            ok = out if ok is None else ok & out
+        masks = (torch.stack([ok, finite]) if finite is not None else ok[None]).cpu().numpy()
+        kept = masks[0]
+        overflowed = int(len(kept) - masks[1].sum()) if finite is not None else 0
+        if kept.all():
+            return rows, None, overflowed
+        return rows[ok], kept, overflowed
+
+    def _finish(self, rows: torch.Tensor, origin: np.ndarray, info: dict, kept: Optional[np.ndarray] = None):
+        if kept is not None:  # rows were filtered on the device; filter what belongs to them the same way
+            origin = origin[kept]
         return rows.reshape(len(rows), *self.plan.shape), origin, info
 
     def __iter__(self):
-        if self.device.type != "cuda":
+        if not self.threaded:
             return self._iter_inline()
         return self._iter_threaded()
 
@@ -125,32 +201,44 @@ class ModelSource:
         forward of ~0.5 s, so overlapping them gains nothing, while extra busy Python threads preempt the
         forward's OpenMP workers (which spin at their barriers) and slow every forward down."""
         for item in self._prepare():
-            rows, origin, info, _ = self._forward(item, None)
-            yield self._finish(rows, origin, info)
+            rows, origin, info, _, kept = self._forward(item, None)
+            yield self._finish(rows, origin, info, kept)
+
+    def _staging(self) -> torch.Tensor:
+        """One staging buffer: the most rows a batch can keep (every position but each context's BOS),
+        in the buffer dtype; pinned on CUDA."""
+        return torch.empty((self.max_rows, *self.plan.full), dtype=self.dtype,
+                           pin_memory=self.device.type == "cuda")
 
     def _iter_threaded(self):
         stop = threading.Event()
         prepared: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
         done: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
         cuda = self.device.type == "cuda"
-        g = self.cfg.generator
         pool: queue.Queue = queue.Queue()
-        if cuda:  # one staging buffer per item that can be in flight, plus the one the consumer holds
-            for _ in range(self.QUEUE_DEPTH + 2):
-                pool.put(torch.empty((g.batch_size * g.context_length, *self.plan.full), dtype=self.dtype,
-                                     pin_memory=True))
+        for _ in range(self.STAGING):
+            pool.put(self._staging())
 
-        def put(q, item):
+        def put(q, item) -> bool:
             while not stop.is_set():
                 try:
-                    q.put(item, timeout=0.1)
+                    q.put(item, timeout=self.POLL_S)
                     return True
                 except queue.Full:
                     pass
             return False
 
+        def get(q):
+            while not stop.is_set():
+                try:
+                    return q.get(timeout=self.POLL_S)
+                except queue.Empty:
+                    pass
+            return _STOPPED
+
         def run_prepare():
             try:
+                bind(self.device)  # pinned allocations use this thread's current device
                 for item in self._prepare():
                     if not put(prepared, item):
                         return
@@ -159,50 +247,85 @@ class ModelSource:
                 put(prepared, e)
 
         def run_forward():
+            pending = None  # (result, staging) whose copy is in flight while the next forward runs
             try:
+                bind(self.device)
                 if cuda:
-                    torch.cuda.set_device(self.device)
                     self._copy_stream = torch.cuda.Stream(self.device)
-                pending = None  # CUDA: the item whose copy is in flight while the next forward runs
-                while not stop.is_set():
-                    try:
-                        item = prepared.get(timeout=0.1)
-                    except queue.Empty:
-                        continue
+                while True:
+                    item = get(prepared)
+                    if item is _STOPPED:
+                        return
                     if item is None or isinstance(item, BaseException):
                         if pending is not None:
-                            pending[3].synchronize()
-                            put(done, (pending[:3], pending[4]))
+                            pending[0][3].synchronize()
+                            if not put(done, pending):
+                                return
+                            pending = None
                         put(done, item)
                         return
-                    staging = pool.get() if cuda else None
-                    result = self._forward(item, staging)
-                    if not cuda:
-                        put(done, (result[:3], None))
-                        continue
+                    staging = get(pool)
+                    if staging is _STOPPED:
+                        return
+                    try:
+                        result = self._forward(item, staging)
+                    except BaseException:
+                        pool.put(staging)
+                        raise
                     if pending is not None:
-                        pending[3].synchronize()
-                        put(done, (pending[:3], pending[4]))
-                    pending = (*result, staging)
+                        pending[0][3].synchronize()
+                        if not put(done, pending):
+                            return
+                    pending = (result, staging)
             except BaseException as e:  # noqa: BLE001
                 put(done, e)
+            finally:
+                if pending is not None:  # stopped with a copy in flight: wait for it, then give the buffer back
+                    pending[0][3].synchronize()
+                    pool.put(pending[1])
 
         threads = [threading.Thread(target=run_prepare, name="actdata-tokenize", daemon=True),
                    threading.Thread(target=run_forward, name="actdata-forward", daemon=True)]
+        self.pipeline = {"threads": threads, "pool": pool, "staging": self.STAGING}
         for t in threads:
             t.start()
         try:
             while True:
-                item = done.get()
+                try:
+                    item = done.get(timeout=self.POLL_S)
+                except queue.Empty:  # only this consumer stops the pipeline: wait while the forward lives
+                    if not threads[1].is_alive() and done.empty():
+                        raise RuntimeError("the forward thread ended without handing over a result")
+                    continue
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                (rows, origin, info), staging = item
-                yield self._finish(rows, origin, info)
-                if staging is not None:
-                    pool.put(staging)  # the consumer is done with these rows
+                (rows, origin, info, _, kept), staging = item
+                try:
+                    yield self._finish(rows, origin, info, kept)
+                finally:
+                    pool.put(staging)  # the consumer is done with these rows (or gone)
         finally:
             stop.set()
+            deadline = time.monotonic() + self.JOIN_S
             for t in threads:
-                t.join(timeout=10)
+                t.join(max(0.0, deadline - time.monotonic()))
+            while True:  # items finished but never consumed: their staging buffers go back too
+                try:
+                    left = done.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(left, tuple):
+                    pool.put(left[1])
+            alive = [t.name for t in threads if t.is_alive()]
+            if alive:
+                log.error("pipeline threads %s did not stop within %.1f s", alive, self.JOIN_S)
+
+    def close(self) -> None:
+        """Free the model and everything that refers to it (hooks, compiled blocks, staging buffers)."""
+        if getattr(self, "capture", None) is not None:
+            self.capture.remove()
+        self.capture = self.model = self.outliers = None
+        self.pipeline = {}
+        self.__dict__.pop("_copy_stream", None)

@@ -53,8 +53,18 @@ class GeneratorWorker(ls.LitAPI):
         setup_logging(self.cfg.log_level, self.cfg.server.log_file)
         self._stop = threading.Event()
         index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
-        self._thread = threading.Thread(target=run_supervised, name="actdata-generator", daemon=True,
-                                        args=(self.cfg, self.buffer_spec, str(device), index, self._stop))
+        device = str(device)
+        if self.cfg.model.device not in ("auto", "", None):
+            device = self.cfg.model.device  # config validation allows this only with server.devices=1
+        if device.startswith("cuda"):  # this worker's GPU is the current device before anything touches CUDA
+            torch.cuda.set_device(device)
+
+        def generate():  # the current device is per thread: bind the generator's thread too
+            if device.startswith("cuda"):
+                torch.cuda.set_device(device)
+            run_supervised(self.cfg, self.buffer_spec, device, index, self._stop)
+
+        self._thread = threading.Thread(target=generate, name="actdata-generator", daemon=True)
         self._thread.start()
 
         def _exit(signum, frame):  # stop the loop so it publishes 'stopped', then leave

@@ -163,12 +163,47 @@ def check_buffer(cfg: Config, plan: Plan) -> None:
                           f"{plan.full[2]}")
 
 
+def max_positions(hf_config) -> Optional[int]:
+    """The longest context the model's position embeddings cover (None when the config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_model(cfg: Config, hf_config) -> None:
+    """Config values the model cannot serve: a context longer than its position embeddings."""
+    limit, T = max_positions(hf_config), cfg.generator.context_length
+    if limit is not None and T > limit:
+        raise ConfigError(f"generator.context_length: {T} exceeds the model's maximum of {limit} positions "
+                          f"({cfg.model.name}); set it to {limit} or less")
+
+
+def blocks_needed(plan: Plan, model: torch.nn.Module, n_blocks: int) -> Optional[int]:
+    """How many leading blocks the plan needs (last captured block + 1), or None when a site lies outside
+    the blocks (e.g. the final norm) and every block must stay."""
+    path = blocks_path(model, n_blocks)
+    if path is None:
+        return None
+    prefix = f"{path}." if path else ""
+    last = -1
+    for s in plan.sites:
+        rest = s.module[len(prefix):] if s.module.startswith(prefix) else ""
+        head = rest.split(".", 1)[0]
+        if not head.isdigit():
+            return None
+        last = max(last, int(head))
+    return last + 1
+
+
 def sample_shape(cfg: Config) -> tuple[int, ...]:
     """The row shape for this config, from the model's config alone (no weights, no CUDA).
     Raises ConfigError naming the key when the config contradicts the model."""
     from .model import load_config, meta_model
 
     hf_config = load_config(cfg)
+    check_model(cfg, hf_config)
     plan = make_plan(cfg, meta_model(hf_config, cfg.model.trust_remote_code), hf_config)
     check_buffer(cfg, plan)
     return plan.shape
@@ -288,16 +323,27 @@ def compile_blocks(model: torch.nn.Module, plan: Plan) -> int:
 
 
 class OutlierFilter:
-    """Drops rows with a vector whose norm exceeds `factor` x the running median norm of its site."""
+    """Drops rows with a vector whose norm exceeds `factor` x the running median norm of its site.
+
+    Everything stays on the rows' device (norms, the running median, the mask): nothing is copied to
+    the host to decide, and the caller copies only the rows kept."""
 
     def __init__(self, factor: float):
         self.factor, self.median = factor, None
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """bool [k]: rows to keep. rows: [k, n_points, n_layers, width]."""
-        norms = rows.float().norm(dim=-1)  # [k, P, L]
+        """bool [k] on rows' device: rows to keep. rows: [k, n_points, n_layers, width]."""
         if len(rows) == 0:
-            return torch.ones(0, dtype=torch.bool)
+            return torch.ones(0, dtype=torch.bool, device=rows.device)
+        norms = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)  # [k, P, L], no float copy of rows
         med = norms.median(dim=0).values
-        self.median = med if self.median is None else (1 - OUTLIER_MEMORY) * self.median + OUTLIER_MEMORY * med
+        if self.median is None or self.median.device != med.device:
+            self.median = med
+        else:
+            self.median.mul_(1 - OUTLIER_MEMORY).add_(med, alpha=OUTLIER_MEMORY)
         return (norms <= self.factor * self.median).flatten(1).all(dim=1)
+
+
+def finite_rows(rows: torch.Tensor) -> torch.Tensor:
+    """bool [k] on rows' device: rows without inf/nan (a float16 buffer overflows above 65504)."""
+    return torch.isfinite(rows).flatten(1).all(dim=1)

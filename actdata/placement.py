@@ -1,0 +1,181 @@
+"""Where and how a generator's model runs: the device it binds to, the dtype `auto` stands for, the
+memory it will take, and which errors leave the device unusable.
+
+Binding. `bind(device)` makes a CUDA device the calling thread's current device before anything else
+touches CUDA, so nothing (a pinned allocation, a stream, a `.cuda()` without an index) opens a context
+on GPU 0 by accident. The current device is per thread: every thread of the pipeline calls it.
+
+Dtype. `model.dtype: auto` is bfloat16 on CUDA; on the CPU, bfloat16 where the CPU has
+native bf16 matmuls and float32 elsewhere (`cpu_auto_dtype`, measured: see the README's performance table). An explicit float32 on CUDA runs its matmuls in TF32
+(`torch.set_float32_matmul_precision("high")`); `describe_dtype` says which in the start-up log.
+
+Memory. `estimate` adds up what one generator keeps: the weights of the blocks it keeps (blocks after
+the last captured one are not loaded), a bound on the forward's working set, the captured rows on the
+device, and the pinned host staging buffers. `check_fits` refuses, with the numbers, a config whose
+device share exceeds the device's free memory (where CUDA can be asked) or whose pinned share exceeds
+the host's available memory.
+
+Poisoned context. After a device-side assert or an illegal memory access every later CUDA call of the
+process fails: `poisons_context(e)` recognises those errors, and the generator then ends its worker
+process so that a fresh one (with a fresh context) is started.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import DTYPE_BYTES, Config, ConfigError, human_bytes
+
+log = logging.getLogger("actdata.placement")
+
+CUDA_AUTO_DTYPE = "bfloat16"
+
+
+def cpu_auto_dtype() -> str:
+    """bfloat16 on a CPU with native bf16 matmuls (AMX / AVX512-BF16: a bf16 forward measured 2.7x
+    fp32 on such a CPU, see the README), float32 elsewhere (bf16 is emulated there, and slower)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return "float32"
+    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "float32"
+
+
+def bind(device: str | torch.device) -> torch.device:
+    """The device as a torch.device; a CUDA device becomes this thread's current device (index filled in)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> str:
+    """`model.dtype` for `device`: `auto` -> bfloat16 on CUDA, cpu_auto_dtype() elsewhere; others unchanged."""
+    if name not in ("auto", "", None):
+        return name
+    return CUDA_AUTO_DTYPE if torch.device(device).type == "cuda" else cpu_auto_dtype()
+
+
+def describe_dtype(name: str, device: str | torch.device) -> str:
+    """Apply and describe the matmul precision: float32 on CUDA -> TF32 matmuls (precision 'high')."""
+    if torch.device(device).type == "cuda" and name == "float32":
+        torch.set_float32_matmul_precision("high")
+        return "float32 weights, TF32 matmuls"
+    return name
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Memory:
+    weights: int  # bytes of the parameters that are loaded (kept blocks, embeddings, norms)
+    working: int  # bound on the forward's activations for one batch
+    rows: int  # captured rows of the batches in flight, on the device
+    pinned: int  # host staging buffers (pinned on CUDA)
+
+    @property
+    def device(self) -> int:
+        return self.weights + self.working + self.rows
+
+    def line(self) -> str:
+        return (f"expected device memory {human_bytes(self.device)} (weights {human_bytes(self.weights)}, "
+                f"forward {human_bytes(self.working)}, rows {human_bytes(self.rows)}); pinned host memory "
+                f"{human_bytes(self.pinned)}")
+
+
+def max_rows(cfg: Config) -> int:
+    """The most rows one batch can keep: every position but the leading BOS of each context."""
+    g = cfg.generator
+    return g.batch_size * (g.context_length - (1 if g.drop_bos else 0))
+
+
+def estimate(cfg: Config, hf_config, meta: torch.nn.Module, n_blocks: Optional[int], row_values: int,
+             model_dtype: str, staging_buffers: int) -> Memory:
+    """Memory of one generator (see the module docstring). `meta`: the full model on the meta device;
+    `n_blocks`: blocks kept (None = all); `row_values`: values per captured row."""
+    g = cfg.generator
+    total = int(hf_config.num_hidden_layers)
+    kept = total if n_blocks is None else n_blocks
+    nbytes = DTYPE_BYTES[model_dtype]
+    weights = 0
+    for name, p in meta.named_parameters():
+        block = _block_index(name)
+        if block is None or block < kept:
+            weights += p.numel() * nbytes
+    hidden = int(hf_config.hidden_size)
+    inter = int(getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden)
+    heads = int(getattr(hf_config, "num_attention_heads", 1) or 1)
+    bt = g.batch_size * g.context_length
+    # residual, normed input, q/k/v/attention output, MLP intermediates (gate, up, act) and one score
+    # matrix per head: a bound for one block at a time (nothing is kept for backward)
+    working = bt * (6 * hidden + 3 * inter) * nbytes + g.batch_size * heads * g.context_length ** 2 * 4
+    row_bytes = row_values * DTYPE_BYTES[cfg.buffer.dtype]
+    rows = 2 * max_rows(cfg) * row_bytes  # the batch being captured and the one being copied out
+    return Memory(weights, working, rows, staging_buffers * max_rows(cfg) * row_bytes)
+
+
+def _block_index(param_name: str) -> Optional[int]:
+    """The block a parameter belongs to (`layers.3.mlp...` / `h.3...` -> 3), or None outside the blocks."""
+    parts = param_name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "h", "blocks", "layer") and b.isdigit():
+            return int(b)
+    return None
+
+
+def host_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(mem: Memory, device: torch.device) -> None:
+    """Raise ConfigError, with the numbers, when `mem` cannot fit on `device` / in the host's memory."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        if mem.device > free:
+            raise ConfigError(
+                f"generator.batch_size: this config needs about {human_bytes(mem.device)} on {device} "
+                f"(weights {human_bytes(mem.weights)}, forward {human_bytes(mem.working)}, rows "
+                f"{human_bytes(mem.rows)}) but only {human_bytes(free)} of {human_bytes(total)} is free; "
+                "lower generator.batch_size or generator.context_length, capture earlier layers, or use "
+                "model.dtype=bfloat16")
+    avail = host_available()
+    if avail is not None and mem.pinned > avail:
+        raise ConfigError(
+            f"generator.batch_size: the staging buffers need {human_bytes(mem.pinned)} of pinned host memory "
+            f"but only {human_bytes(avail)} is available; lower generator.batch_size or generator.context_length")
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+_POISON = ("device-side assert", "illegal memory access", "illegal instruction", "misaligned address",
+           "unspecified launch failure", "uncorrectable ecc", "an illegal", "cuda error: launch failure",
+           "cudaerrorlaunchfailure", "hardware stack error", "context is destroyed")
+
+
+def poisons_context(e: BaseException) -> bool:
+    """Whether `e` is a CUDA error after which this process's CUDA context is unusable (every later
+    call fails the same way): a device-side assert, an illegal access or instruction, a launch failure."""
+    for err in _chain(e):
+        text = f"{type(err).__name__}: {err}".lower()
+        if ("cuda" in text or type(err).__name__ == "AcceleratorError") and any(p in text for p in _POISON):
+            return True
+    return False
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
