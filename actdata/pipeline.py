@@ -247,7 +247,7 @@ class ModelSource:
                 put(prepared, e)
 
         def run_forward():
-            pending = None  # (result, staging) whose copy is in flight while the next forward runs
+            held = []  # (result, staging) this thread owns: the item whose copy is in flight, the new one
             try:
                 bind(self.device)
                 if cuda:
@@ -257,11 +257,11 @@ class ModelSource:
                     if item is _STOPPED:
                         return
                     if item is None or isinstance(item, BaseException):
-                        if pending is not None:
-                            pending[0][3].synchronize()
-                            if not put(done, pending):
+                        while held:
+                            held[0][0][3].synchronize()
+                            if not put(done, held[0]):
                                 return
-                            pending = None
+                            held.pop(0)
                         put(done, item)
                         return
                     staging = get(pool)
@@ -272,17 +272,18 @@ class ModelSource:
                     except BaseException:
                         pool.put(staging)
                         raise
-                    if pending is not None:
-                        pending[0][3].synchronize()
-                        if not put(done, pending):
+                    held.append((result, staging))
+                    if len(held) == 2:  # the previous copy ran beside this forward: hand it over
+                        held[0][0][3].synchronize()
+                        if not put(done, held[0]):
                             return
-                    pending = (result, staging)
+                        held.pop(0)
             except BaseException as e:  # noqa: BLE001
                 put(done, e)
             finally:
-                if pending is not None:  # stopped with a copy in flight: wait for it, then give the buffer back
-                    pending[0][3].synchronize()
-                    pool.put(pending[1])
+                for (_, _, _, event, _), staging in held:  # stopped: wait for copies in flight, give buffers back
+                    event.synchronize()
+                    pool.put(staging)
 
         threads = [threading.Thread(target=run_prepare, name="actdata-tokenize", daemon=True),
                    threading.Thread(target=run_forward, name="actdata-forward", daemon=True)]
@@ -308,16 +309,21 @@ class ModelSource:
                     pool.put(staging)  # the consumer is done with these rows (or gone)
         finally:
             stop.set()
+
+            def drain():  # items finished but never consumed: their staging buffers go back too
+                while True:
+                    try:
+                        left = done.get_nowait()
+                    except queue.Empty:
+                        return
+                    if isinstance(left, tuple):
+                        pool.put(left[1])
+
+            drain()
             deadline = time.monotonic() + self.JOIN_S
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()))
-            while True:  # items finished but never consumed: their staging buffers go back too
-                try:
-                    left = done.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(left, tuple):
-                    pool.put(left[1])
+            drain()
             alive = [t.name for t in threads if t.is_alive()]
             if alive:
                 log.error("pipeline threads %s did not stop within %.1f s", alive, self.JOIN_S)

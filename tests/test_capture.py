@@ -79,6 +79,7 @@ def corpus(tmp_path_factory):
 def make_cfg(model, corpus=None, sites=("resid_post",), layers=(1,), **gen):
     cfg = Config()
     cfg.model.name = model
+    cfg.model.dtype = "float32"  # compared with float32 references (auto may mean bfloat16 on this CPU)
     cfg.dataset.name = corpus or "embedded"
     g = cfg.generator
     g.source, g.sites, g.layers, g.batch_size, g.context_length = "model", list(sites), layers if layers == "all" else list(layers), 2, 16
