@@ -13,6 +13,9 @@ Same model (the embedded SmolLM2-135M, 30 blocks), same batch and context, one r
   (d)  actdata, resid_post of block L, generator.compile=true (blocks under torch.compile)
   (e)  (d) with model.dtype=bfloat16
   (dt) optional (--threaded): (d0) with the CUDA-style three-thread pipeline forced on the CPU
+  (f)  optional (--filter): the cost of filtering on the rows' device (outlier norms vs the running
+       median + float16 overflow check + keeping only the kept rows) as a fraction of the capture
+       forward of the same batch (resid_post of block L, float16 buffer); goal <= 5 %
 
 The bare forwards get pre-tokenised blocks (no text work at all); actdata pays for tokenising,
 packing, filtering and the buffer write. Everything is timed in steady state: each runner is warmed up
@@ -24,7 +27,7 @@ interleaved rep by rep, so load from other processes hits every run alike. The r
 base-model baselines (a') and (b'), the stricter comparison; the causal-LM ratios are printed too.
 
     python scripts/bench_generate.py [--threads 2] [--batch 8] [--ctx 128] [--layer 14] [--reps 5]
-                                     [--batches 3] [--only a,b,c,...] [--threaded]
+                                     [--batches 3] [--only a,b,c,...] [--threaded] [--filter]
 """
 from __future__ import annotations
 
@@ -126,6 +129,33 @@ class Actdata:
         self.buf.close()
 
 
+def filter_cost(cfg: Config, layer: int, reps: int, batches: int) -> None:
+    """(f): ModelSource._filter (outliers + float16 overflow, on the rows' device) vs the capture forward."""
+    c = Config(model=type(cfg.model)(**{**vars(cfg.model), "dtype": "float32"}), dataset=cfg.dataset,
+               generator=type(cfg.generator)(**{**vars(cfg.generator), "layers": [layer], "outlier_factor": 3.0}))
+    c.buffer.dtype = "float16"
+    src = ModelSource(c, "cpu", 0)
+    items = src._prepare()
+    batch = [next(items) for _ in range(batches)]
+    fwd, filt = [], []
+    for rep in range(reps + 1):
+        tf = tk = 0.0
+        for ids, mask, flat, _, _ in batch:
+            t0 = time.perf_counter()
+            rows = src.capture(ids, mask, flat)
+            t1 = time.perf_counter()
+            src._filter(rows)
+            tf, tk = tf + t1 - t0, tk + time.perf_counter() - t1
+        if rep:  # the first pass warms up
+            fwd.append(tf / len(batch))
+            filt.append(tk / len(batch))
+    f, k = statistics.median(fwd), statistics.median(filt)
+    print(f"{'(f)  filter on the device (outliers + fp16 overflow), per batch':58s} {1e3 * k:8.2f} ms  "
+          f"{1e3 * min(filt):6.2f}..{1e3 * max(filt):<6.2f}   forward {1e3 * f:.1f} ms: filter/forward = "
+          f"{100 * k / f:.2f} % (goal <= 5 %)")
+    src.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -136,10 +166,12 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated run keys (default: all but dt)")
     ap.add_argument("--threaded", action="store_true", help="add (dt): (d0) through the three-thread pipeline")
+    ap.add_argument("--filter", action="store_true", help="add (f): device filter cost vs the forward")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     cfg = Config()
+    cfg.model.dtype = "float32"  # the baselines; (e) asks for bfloat16
     g = cfg.generator
     g.source, g.batch_size, g.context_length = "model", args.batch, args.ctx
     n_layers = 30
@@ -165,6 +197,9 @@ def main():
         "dt": (f"(dt) (d0) through the 3-thread pipeline (CUDA's)",
                lambda: Actdata(at(L), args.batches, threaded=True)),
     }
+    if args.only == "f":
+        filter_cost(cfg, args.layer, args.reps, args.batches)
+        return
     keys = [k for k in args.only.split(",") if k] or [k for k in runs if k != "dt"] + (["dt"] if args.threaded else [])
     runs = {k: runs[k] for k in runs if k in keys}
     runners, rates = {}, {k: [] for k in runs}
@@ -198,6 +233,8 @@ def main():
     for k, (name, _) in runs.items():
         note = "   ".join(n for n in notes.get(k, []) if n)
         print(f"{name:58s} {m[k]:10,.0f}  {min(rates[k]):7,.0f}..{max(rates[k]):<7,.0f}   {note}")
+    if args.filter:
+        filter_cost(cfg, args.layer, args.reps, args.batches)
 
 
 if __name__ == "__main__":

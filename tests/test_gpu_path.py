@@ -374,9 +374,9 @@ def test_populate_maps_every_row_page_ahead_of_the_writer():
         assert _rss_shmem() - before >= 60 << 20  # resident and mapped in this process, before any write
         buf.write(torch.ones(8, 1024))
         assert buf.stats()["ready"] == 8
-        t = buf.populate_in_background()
-        buf.close()  # stops and joins the populating thread before unmapping
-        assert not t.is_alive()
+        ts = buf.populate_in_background(threads=2)
+        buf.close()  # stops and joins the populating threads before unmapping
+        assert not any(t.is_alive() for t in ts)
     finally:
         if buf.data is not None:
             buf.close()
