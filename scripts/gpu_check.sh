@@ -1,83 +1,28 @@
 #!/usr/bin/env bash
-# One short GPU check (a few minutes), run from the repository root on a machine with a CUDA GPU:
-#   1. the generator (embedded SmolLM2, model.dtype=bfloat16) writing into a real shared buffer: tokens/s,
-#      next to the bare forward it is built on (same batch, stopped at the same block);
-#   2. whether the device->host copy of one batch overlaps the next forward (CUDA profiler: share of
-#      DtoH copy time during which a kernel was running);
-#   3. the model tests and the end-to-end server test on the GPU.
-# Environment: PYTHON (default: python), E2E (pytest selection, default: tests/test_server.py -k "embedded or model").
+# The GPU check (issue 10), one run of a few minutes on a machine with a CUDA GPU, from the repository root:
+#   1. scripts/gpu_check.py: device placement (two generators on two GPUs when there are two, else
+#      generator index 1 on cuda:0), dtype auto = bf16 and fp32 -> TF32, bf16 model -> float32 and float16
+#      buffers, outlier filter on the device, compile, blocking copy events, stop with a full buffer,
+#      memory freed on restart, a poisoned context ending the process, memory estimate vs peak and the
+#      refusal of a config that cannot fit, copy/forward overlap under the profiler (goal <= 10 % of GPU
+#      time outside the forward), tokens/s of a ~1.2B Llama into the buffer / its bare forward stopped at
+#      the same block (goal >= 0.95). It prints a table and fails if any check fails.
+#   2. the model tests with a CUDA variant and the CPU stand-ins of the same design (tests/test_gpu_path.py).
+# Exits non-zero on any failure. Environment: PYTHON (default: python), TESTS=0 skips step 2.
 set -uo pipefail
 PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 $PY -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'cuda', ok,
         torch.cuda.get_device_name(0) if ok else ''); sys.exit(0 if ok else 1)" || { echo "no CUDA GPU"; exit 1; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv
 
-$PY - <<'EOF'
-import statistics, time
-import torch
-from actdata.buffer import SharedActivationBuffer
-from actdata.pipeline import ModelSource
-from actdata.sites import Capture, sample_shape
-from actdata.config import Config
-
-B, T, L, N = 32, 256, 14, 12
-cfg = Config()
-g = cfg.generator
-g.source, g.batch_size, g.context_length, g.layers = "model", B, T, [L]
-cfg.model.dtype, cfg.buffer.dtype = "bfloat16", "bfloat16"
-shape = sample_shape(cfg)
-buf = SharedActivationBuffer.create(B * T * (N + 4), shape, cfg.buffer.dtype)
-src = ModelSource(cfg, "cuda:0", 0)
-
-def pipeline(n):
-    items = iter(src)
-    rows, origin, _ = next(items)
-    buf.write(rows, origin)
-    torch.cuda.synchronize()
-    t0, tokens = time.perf_counter(), 0
-    for _ in range(n):
-        rows, origin, info = next(items)
-        buf.write(rows, origin)
-        tokens += info["tokens"]
-    rate = tokens / (time.perf_counter() - t0)
-    items.close()
-    buf.refresh()
-    return rate
-
-def forward_only(n):  # the same capture, rows left on the GPU, no text, no copy, no buffer
-    ids = torch.randint(100, 40000, (B, T), device="cuda:0")
-    index = torch.arange(B * T, device="cuda:0")[T:]  # roughly what is kept
-    src.capture(ids, None, index)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        src.capture(ids, None, index)
-    torch.cuda.synchronize()
-    return n * B * T / (time.perf_counter() - t0)
-
-pipe = statistics.median(pipeline(N) for _ in range(3))
-fwd = statistics.median(forward_only(N) for _ in range(3))
-print(f"bf16 generator -> buffer: {pipe:,.0f} tokens/s   capture forward alone: {fwd:,.0f} tokens/s   "
-      f"ratio {pipe / fwd:.2f} (near 1 = text, copies and buffer writes hidden behind the forward)")
-
-# Does the DtoH copy overlap the next forward? Profile a few pipelined batches.
-from torch.profiler import ProfilerActivity, profile
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    pipeline(6)
-events = [e for e in prof.events() if getattr(e, "device_type", None) is not None
-          and str(e.device_type).endswith("CUDA")]
-copies = [(e.time_range.start, e.time_range.end) for e in events if "DtoH" in e.name or "Device -> Pinned" in e.name]
-kernels = sorted((e.time_range.start, e.time_range.end) for e in events if "Memcpy" not in e.name and "Memset" not in e.name)
-def overlap(s, e):  # time of [s, e] during which some kernel ran (kernels may overlap each other: capped)
-    return min(e - s, sum(max(0, min(e, k1) - max(s, k0)) for k0, k1 in kernels))
-total = sum(e - s for s, e in copies)
-hidden = sum(overlap(s, e) for s, e in copies)
-print(f"DtoH copies: {len(copies)}, {total / 1e3:.2f} ms in all, {100 * hidden / max(total, 1e-9):.0f}% of it "
-      f"while a kernel ran ({'OVERLAPS' if total and hidden / total > 0.5 else 'does NOT overlap'} the next forward)")
-buf.close()
-EOF
-
-$PY -m pytest -q -x tests/test_capture.py tests/test_model_source.py
-if [ -n "${E2E:-}" ]; then $PY -m pytest -q -x $E2E; else $PY -m pytest -q -x tests/test_server.py -k "embedded or model"; fi
+status=0
+$PY scripts/gpu_check.py --device cuda:0 || status=1
+if [ "${TESTS:-1}" != 0 ]; then
+  $PY -m pytest -q -x tests/test_model_source.py -k "cuda" tests/test_gpu_path.py || status=1
+fi
+[ $status = 0 ] && echo "GPU check: all passed" || echo "GPU check: FAILED (see above)"
+exit $status
