@@ -8,6 +8,7 @@ the pages ahead of it (SharedActivationBuffer.populate_in_background) gives back
   populated  first fill of a new buffer while populate_in_background runs from its creation on
              (the writer starts at once: no head start, the worst case for the populating thread)
   head start first fill after a head start of --head-start s (the model loading in a real generator)
+  after      first fill once populating has finished (a head start long enough for the whole buffer)
   populate   populate() alone: GB/s at which the thread maps pages ahead of the writer
 
 Writes go through SharedActivationBuffer.write in batches of --batch rows, to random free slots, as
@@ -61,7 +62,7 @@ def main():
     gb = args.rows * args.dim * 4 / 1e9
     load0 = os.getloadavg()[0]
     limit = memcpy_gbs()
-    r = {k: [] for k in ("create_small", "create", "touched", "fresh", "populated", "head", "populate")}
+    r = {k: [] for k in ("create_small", "create", "touched", "fresh", "populated", "head", "after", "populate")}
     for _ in range(args.reps):
         t0 = time.perf_counter()
         SharedActivationBuffer.create(1000, (args.dim,)).close()
@@ -90,6 +91,7 @@ def main():
         t0 = time.perf_counter()
         done = buf.populate()
         r["populate"].append(done / (time.perf_counter() - t0) / 1e9)
+        r["after"].append(fill(buf, rows))
         buf.close()
     load1 = os.getloadavg()[0]
     m = {k: statistics.median(v) for k, v in r.items()}
@@ -104,9 +106,10 @@ def main():
     for k, name in (("touched", "refill (pages touched)"), ("fresh", "first fill, no populating (before)"),
                     ("populated", "first fill, populating from creation, no head start"),
                     ("head", f"first fill, populating, {args.head_start:g} s head start"),
+                    ("after", "first fill once populating has finished"),
                     ("populate", "populate() alone")):
         note = f"{m[k] / limit:.2f} of memcpy"
-        if k in ("fresh", "populated", "head"):
+        if k in ("fresh", "populated", "head", "after"):
             note += f"; {m[k] / m['touched']:.2f} of refill" + (" (goal >= 0.7)" if k != "fresh" else "")
         print(f"{name:58s} {m[k]:7.2f}GB/s  {spread[k]:>13s}   {note}")
 
