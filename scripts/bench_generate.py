@@ -7,6 +7,7 @@ Same model (the embedded SmolLM2-135M, 30 blocks), same batch and context, one r
   (a') bare  model(input_ids), full depth, the base model (AutoModel: 30 blocks + final norm, no LM head)
   (b)  bare  causal LM stopped after block L by a forward hook that raises
   (b') bare  base model stopped after block L the same way
+  (bh) bare  (b') with model.dtype=bfloat16 (what model.dtype=auto picks on a CPU with native bf16)
   (c)  actdata ModelSource -> SharedActivationBuffer.write, resid_post of the last block (full depth)
   (c') (c) with generator.compile=true
   (d0) actdata, resid_post of block L, eager blocks
@@ -188,6 +189,7 @@ def main():
         "a'": ("(a') bare base model(input_ids), full depth", lambda: Bare(cfg, blocks, None, False)),
         "b": (f"(b)  bare causal LM, stopped after block {L} by a hook", lambda: Bare(cfg, blocks, L, True)),
         "b'": (f"(b') bare base model, stopped after block {L} by a hook", lambda: Bare(cfg, blocks, L, False)),
+        "bh": (f"(bh) (b') in bfloat16", lambda: Bare(at(L, "bfloat16"), blocks, L, False)),
         "c": (f"(c)  actdata -> buffer, resid_post@{last} (full depth)", lambda: Actdata(at(last), args.batches)),
         "c'": (f"(c') (c) with generator.compile", lambda: Actdata(at(last, compile=True), args.batches)),
         "d0": (f"(d0) actdata -> buffer, resid_post@{L}, no compile", lambda: Actdata(at(L), args.batches)),
@@ -224,7 +226,7 @@ def main():
         return f"{num}/{den} = {m[num] / m[den]:.2f}" + (f" (target >= {target})" if target else "")
 
     notes = {"c": [ratio("c", "a'", 1.0), ratio("c", "a")], "c'": [ratio("c'", "a'"), ratio("c'", "a")], "d0": [ratio("d0", "b'"), ratio("d0", "b")],
-             "d": [ratio("d", "b'", 1.1), ratio("d", "b")], "e": [ratio("e", "b'")], "dt": [ratio("dt", "d0")]}
+             "d": [ratio("d", "b'", 1.1), ratio("d", "b")], "e": [ratio("e", "b'")], "bh": [ratio("bh", "b'")], "dt": [ratio("dt", "d0")]}
     print(f"\nSmolLM2-135M (embedded), fp32 unless noted, torch threads={args.threads}, batch {args.batch} x "
           f"{args.ctx}, medians of {args.reps} reps x {args.batches} batches (steady state)")
     print(f"1-min load average at the start / end of the timed reps: {load0:.2f} / {load1:.2f} "
