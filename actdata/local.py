@@ -2,7 +2,7 @@
 
 When a trainer runs beside the server (the common single-GPU box), the TCP hop is pure overhead. The
 server publishes in `GET /stats` (`server.same_host`) its buffer file, a host identity
-(`actdata.buffer.host_identity`), the random nonce in the buffer's header and the layout it computed.
+(`actdata.buffer.host_identity`), its main process's pid, the random nonce in the buffer's header and the layout it computed.
 `open_same_host(published)` attaches to that file only when all of these hold, and otherwise says why:
 
     identity    this process's host identity equals the server's (same machine, same PID namespace, so
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity
+from .buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity, pid_alive
 
 
 class SameHostGone(RuntimeError):
@@ -58,27 +58,27 @@ def open_same_host(published: Optional[dict]) -> tuple[Optional["SameHostReader"
     if buf.data_offset != int(published.get("data_offset", -1)) or buf.nonce != int(published.get("nonce", 0)):
         buf.close()
         return None, f"{spec.path} is not the server's buffer (nonce or layout differs)"
-    return SameHostReader(buf, st.st_ino), ""
+    return SameHostReader(buf, st.st_ino, int(published.get("pid", 0))), ""
 
 
 class SameHostReader:
     """Rows claimed and gathered from an attached buffer. Not picklable: made inside the reading process."""
 
-    def __init__(self, buffer: SharedActivationBuffer, inode: int, poll_s: float = 0.002):
-        self.buffer, self.inode, self.poll_s = buffer, inode, poll_s
+    def __init__(self, buffer: SharedActivationBuffer, inode: int, server_pid: int, poll_s: float = 0.002):
+        self.buffer, self.inode, self.server_pid, self.poll_s = buffer, inode, server_pid, poll_s
         self.spec = buffer.spec
 
     def alive(self) -> bool:
-        """Whether the server's file is still in place (it is removed when the server stops)."""
+        """Whether the server's process lives and its file is still in place (removed when it stops)."""
         try:
-            return os.stat(self.spec.path).st_ino == self.inode
+            return os.stat(self.spec.path).st_ino == self.inode and pid_alive(self.server_pid)
         except OSError:
             return False
 
     def read(self, out: torch.Tensor, wait_s: float) -> torch.Tensor:
         """Fill `out` [k, *sample_shape] with k claimed rows; waits while fewer than k are ready (or the
         buffer is below min_fill) for up to `wait_s` seconds, then raises SameHostGone, as it does at once
-        when the server's file is gone."""
+        when the server's process or file is gone (rows left in a dead server's memory are not served)."""
         k, deadline, sleep = len(out), time.monotonic() + wait_s, self.poll_s
         if not self.alive():  # one stat call: rows left in a stopped server's memory are not served
             raise SameHostGone(f"{self.spec.path} was removed (server stopped)")

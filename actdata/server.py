@@ -119,7 +119,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     pool = _ResponseTensors(spec.sample_shape, buffer.data.dtype)
     started = time.time()
     retry = {"Retry-After": str(cfg.server.retry_after_s)}
-    same_host = {"path": spec.path, "host": host_identity(), "nonce": buffer.nonce, "nbytes": spec.nbytes,
+    same_host = {"path": spec.path, "host": host_identity(), "pid": os.getpid(), "nonce": buffer.nonce, "nbytes": spec.nbytes,
                  "data_offset": buffer.data_offset, "capacity": spec.capacity, "sample_shape": list(spec.sample_shape),
                  "dtype": spec.dtype, "min_fill": spec.min_fill, "max_reads": spec.max_reads}
     NumSamples = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_rows})")
