@@ -397,7 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{c.url}: status={h['status']} fill={h['fill']:.2f} ready={h['ready']}/{h['capacity']} "
               f"sample_shape={h['sample_shape']} dtype={h['dtype']}")
         st = c.get_stats()
-        print(f"stats: valid_samples={st['valid_samples']} rows_written={st['rows_written']} rows_read={st['rows_read']} "
+        print(f"stats: valid_samples={st['valid_samples']} rows_written={st['rows_written']} "
+              f"rows_read={st['rows_read']} "
               f"generators={[g.get('state') for g in st.get('generators', [])]}")
         if not c.wait_for_data(a.num_samples, timeout=a.wait):
             print(f"no {a.num_samples} ready rows within {a.wait:g} s")

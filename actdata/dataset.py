@@ -16,7 +16,8 @@ The three forms, and how each is read:
   `batch_size`, so `DataLoader(ds)` yields `[batch_size, *sample_shape]`, never `[1, ...]`. Which form it
   is, the dataset learns from the fetcher that calls `iter()` on it; a custom `collate_fn` gets rows.
 - `ds.batch_size`: None (the default) asks the server (`GET /stats`, once per worker) for its per-request
-  maximum and capacity and uses min(4096, that maximum, half the buffer). An explicit size above the maximum is read in several requests.
+  maximum and capacity and uses min(4096, that maximum, half the buffer). An explicit size above the
+  maximum is read in several requests.
 
 How the work is split: each DataLoader worker of each DDP rank is one *shard*
 (`shard = rank * num_workers + worker_id` of `rank_count * num_workers`). With at least as many shards as
@@ -259,8 +260,8 @@ def _calling_fetcher(depth: int = 2) -> Optional[_BaseDatasetFetcher]:
 class RemoteActivationDataset(IterableDataset):
     """Batches `[batch_size, *sample_shape]` read from one or more actdata servers (see the module docstring
     for the DataLoader forms). Keeps only configuration: urls (None = $ACTDATA_URL or localhost:8000),
-    batch_size (None = min(4096, the server's per-request maximum, half its buffer)), max_batches, max_samples, dtype (None
-    = as served; else converted on the client), api_key (else $ACTDATA_API_KEY), timeout (seconds per
+    batch_size (None = min(4096, the server's per-request maximum, half its buffer)), max_batches,
+    max_samples, dtype (None = as served; else converted on the client), api_key (else $ACTDATA_API_KEY), timeout (seconds per
     socket operation), retry_for_s (seconds of retrying before an error), rcvbuf (SO_RCVBUF bytes; None =
     kernel autotuning), rank / world_size (None = from torch.distributed or $RANK / $WORLD_SIZE), local
     (False = HTTP even on the server's host). The last batch of a shard is smaller when `max_samples` does
