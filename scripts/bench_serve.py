@@ -127,8 +127,10 @@ def dataloader_rate(url: str, batch: int, workers: int, batches: int, reps: int,
 def paired_rates(url: str, batch: int, workers: int, batches: int, reps: int, configs: list[tuple[str, bool]],
                  limits: "Limits") -> tuple[list[float], list[float]]:
     """GB/s of several loaders measured in turns: every rep times each loader once (and samples the limits
-    once), so that slow phases of a shared machine hit all of them alike. Returns (median GB/s per config,
-    median over reps of each config's ratio to the first config)."""
+    once), so that slow phases of a shared machine hit all of them alike. The order rotates from rep to
+    rep, and each loader's workers are given `settle_s` to refill their prefetch queues before the next
+    loader is timed (otherwise a loader timed right after another competes with its refill). Returns
+    (median GB/s per config, median over reps of each config's ratio to the first config)."""
     its, nbytes = [], []
     for form, local in configs:
         ds = RemoteActivationDataset(url, batch_size=None if form == "batch_size=4096" else batch, local=local)
@@ -141,12 +143,15 @@ def paired_rates(url: str, batch: int, workers: int, batches: int, reps: int, co
         its.append(it)
         nbytes.append(first.numel() * first.element_size())
     per = [[] for _ in configs]
-    for _ in range(reps):
+    settle_s = 0.5 + 0.25 * workers
+    for rep in range(reps):
         limits.sample()
-        for i, it in enumerate(its):
+        for j in range(len(its)):
+            i = (rep + j) % len(its)
+            time.sleep(settle_s)
             t = time.perf_counter()
             for _ in range(batches):
-                next(it)
+                next(its[i])
             per[i].append(nbytes[i] * batches / (time.perf_counter() - t) / 1e9)
     del its
     ratios = [statistics.median(a / b for a, b in zip(p, per[0])) for p in per]
@@ -217,7 +222,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer reps")
     ap.add_argument("--png", default="bench-results/bench-serve.png", help="bar chart output ('' = none)")
-    ap.add_argument("--workers", default="1,2,4", help="DataLoader worker counts")
+    ap.add_argument("--workers", default="0,1,2,4", help="DataLoader worker counts")
+    ap.add_argument("--forms-only", action="store_true", help="only the DataLoader forms and same-host rows")
     a = ap.parse_args()
     reps, batches = (3, 6) if a.quick else (5, 12)
     torch.set_num_threads(1)
@@ -239,9 +245,10 @@ def main() -> None:
         def json_call():
             d = requests.get(f"{url}/activations", params={"num_samples": k}).json()
             torch.tensor(d["activations"], dtype=torch.float32)
-        g = rate(json_call, nbytes, 1, max(2, reps // 2))
-        rows_out.append(("baseline: JSON route (requests)", g, g * 1e9 / (dim * 4)))
-        print(rows_out[-1], flush=True)
+        if not a.forms_only:
+            g = rate(json_call, nbytes, 1, max(2, reps // 2))
+            rows_out.append(("baseline: JSON route (requests)", g, g * 1e9 / (dim * 4)))
+            print(rows_out[-1], flush=True)
         # actdata: one client, raw tensor route via the dataset's reader (no DataLoader)
         limits.sample()
         it = iter(RemoteActivationDataset(url, batch_size=k, local=False))
@@ -251,7 +258,7 @@ def main() -> None:
         configs = [(form, False) for form in FORMS] + [("batch_size=None", True)]
         for w in [int(x) for x in a.workers.split(",")]:
             gs, rs = paired_rates(url, k, w, batches, reps, configs, limits)
-            ws = f"{w} worker{'s' if w > 1 else ''}"
+            ws = f"{w} worker{'s' if w != 1 else ''}"
             for (form, local), g, r in zip(configs, gs, rs):
                 label = (f"actdata: same host (no HTTP), DataLoader {ws}" if local
                          else f"actdata: DataLoader {form}, {ws}")
@@ -271,7 +278,7 @@ def main() -> None:
                    ("baseline: LitAPI round trip (no gzip)", {"Accept-Encoding": "identity"})],
         "torchsave": [("baseline: torch.save route (requests)", {})],
     }
-    for kind, variants in baselines.items():
+    for kind, variants in ({} if a.forms_only else baselines).items():
         p, port = start_baseline(kind, k, dim)
         try:
             for label, headers in variants:
@@ -286,6 +293,8 @@ def main() -> None:
         finally:
             stop(p)
 
+    if a.forms_only:
+        return print_table(rows_out, ratios, limits, a.png)
     clt = (2, 12, 768)
     clt_bytes = 2 * 12 * 768 * 2
     with ServerProcess([*common, "buffer.size=12000", "buffer.dtype=float16", "buffer.sample_shape=[2,12,768]"]) as srv:
@@ -303,6 +312,10 @@ def main() -> None:
         rows_out.append(("actdata: serve-once, writer running, DataLoader 2 workers", g, g * 1e9 / (dim * 4)))
         print(rows_out[-1], flush=True)
 
+    print_table(rows_out, ratios, limits, a.png)
+
+
+def print_table(rows_out, ratios, limits: Limits, png: str) -> None:
     limits.sample()
     mem, lo = statistics.median(limits.mem), statistics.median(limits.lo)
     print()
@@ -320,7 +333,7 @@ def main() -> None:
     print(f"|{'-' * 64}|{'-' * 8}|")
     for label, r in ratios:
         print(f"| {label:<62} | {r:6.2f} |")
-    if a.png:
+    if png:
         try:
             import matplotlib
 
@@ -338,8 +351,8 @@ def main() -> None:
         ax.set_xlabel("GB/s of tensor bytes delivered (grey: limits, red: baselines, blue: actdata)")
         ax.set_title("actdata data plane vs this machine's limits")
         fig.tight_layout()
-        fig.savefig(a.png, dpi=110)
-        print(f"chart: {a.png}")
+        fig.savefig(png, dpi=110)
+        print(f"chart: {png}")
 
 
 if __name__ == "__main__":
