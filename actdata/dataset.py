@@ -53,7 +53,11 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
-from torch.utils.data._utils.fetch import _BaseDatasetFetcher
+
+try:  # torch's fetcher class, to recognise a DataLoader calling iter(); without it every form gets batches
+    from torch.utils.data._utils.fetch import _BaseDatasetFetcher
+except ImportError:  # pragma: no cover - a torch that moved it
+    _BaseDatasetFetcher = None
 
 from . import wire
 from .client import ActivationClient, RetryPolicy, TensorReader, resolve_api_key, resolve_url
@@ -254,7 +258,7 @@ def _calling_fetcher(depth: int = 2) -> Optional[_BaseDatasetFetcher]:
         caller = sys._getframe(depth).f_locals.get("self")
     except ValueError:
         return None
-    return caller if isinstance(caller, _BaseDatasetFetcher) else None
+    return caller if _BaseDatasetFetcher is not None and isinstance(caller, _BaseDatasetFetcher) else None
 
 
 class RemoteActivationDataset(IterableDataset):

@@ -36,10 +36,12 @@ def server():
 
 
 def tensor_requests(url) -> int:
-    """Requests the tensor route has answered (all HTTP processes), from /metrics."""
+    """Requests the tensor route has answered with rows (2xx, all HTTP processes), from /metrics; a 503
+    while the buffer refills is not counted."""
     text = ActivationClient(url).session.get(url + "/metrics").text
-    return sum(int(float(m)) for m in re.findall(
-        r'actdata_http_requests_total\{[^}]*route="/activations/tensor"[^}]*\} ([0-9.e+]+)', text))
+    found = re.findall(r'actdata_http_requests_total\{([^}]*)\} ([0-9.e+]+)', text)
+    return sum(int(float(v)) for labels, v in found
+               if 'route="/activations/tensor"' in labels and 'code="2xx"' in labels)
 
 
 def rows_read(url) -> int:
