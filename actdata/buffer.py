@@ -53,6 +53,7 @@ _HEADER_BYTES = _PAGE
 (_MAGIC, _CAPACITY, _N_FREE, _N_READY, _N_WRITING, _N_READING, _WRITTEN, _READ, _EPOCH, _BATCHES,
  _CONTEXTS_SEEN, _REFRESHED) = range(12)
 _F_CREATED, _F_MIX_SUM, _F_RATE_IN, _F_RATE_OUT, _F_RATE_AT = 32, 33, 34, 35, 36  # float64 slots
+_NONCE = 100  # int64: random, set at creation; a same-host reader checks it opened the server's own file
 RATE_WINDOW_S = 5.0
 
 
@@ -170,6 +171,24 @@ def backing_fs(path: str) -> str:
     return fs
 
 
+def host_identity() -> str:
+    """This machine and process namespace as one string: hostname, kernel boot id, PID-namespace inode.
+    Two processes with the same identity share pids (claims of a dead reader can be reclaimed) and, when
+    they open a buffer file with the same header nonce, its memory."""
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pidns = "?"
+    return f"{socket.gethostname()}/{boot}/{pidns}"
+
+
 def check_space(path: str, nbytes: int) -> None:
     """Raise BufferSpaceError when the filesystem holding `path` cannot hold `nbytes` more."""
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -254,6 +273,7 @@ class SharedActivationBuffer:
         buf._free[:] = np.arange(spec.capacity, dtype=np.int64)
         buf._h[_CAPACITY], buf._h[_N_FREE] = spec.capacity, spec.capacity
         buf._hf[_F_CREATED] = time.time()
+        buf._h[_NONCE] = int.from_bytes(os.urandom(8), "little", signed=True)
         buf._h[_MAGIC] = MAGIC
         return buf
 
@@ -546,6 +566,8 @@ class SharedActivationBuffer:
             "free": int(h[_N_FREE]),
             "writing": int(h[_N_WRITING]),
             "ready": int(h[_N_READY]),
+            "valid_samples": int(h[_N_READY]),  # the original service's name for rows ready
+            "valid_percentage": 100.0 * int(h[_N_READY]) / cap,
             "reading": int(h[_N_READING]),
             "fill": int(h[_N_READY]) / cap,
             "min_fill": self.spec.min_fill,
@@ -561,6 +583,16 @@ class SharedActivationBuffer:
             "batch_mixing": (float(self._hf[_F_MIX_SUM]) / batches) if batches else None,
             "created_at": float(self._hf[_F_CREATED]),
         }
+
+    @property
+    def nonce(self) -> int:
+        """The random identity written into the header at creation (see actdata.local)."""
+        return int(self._h[_NONCE])
+
+    @property
+    def data_offset(self) -> int:
+        """Byte offset of the rows in the file: a reader that computes another layout is of another version."""
+        return _layout(self.spec.capacity, self.spec.row_bytes)["data"]
 
     def states(self) -> np.ndarray:
         """A copy of the per-slot state array (for tests and debugging)."""

@@ -3,9 +3,13 @@
 - `ActivationClient(url)`: health, stats, waiting for data, JSON and tensor batches, refresh. Control
   routes go through one `requests.Session` (keep-alive); tensor batches go through a `TensorReader`.
 - `TensorReader(url)`: one persistent `http.client` connection reading `GET /activations/tensor`. It reads
-  the headers, allocates the tensor they describe (actdata.wire) and `readinto()`s the body straight into
-  the tensor's memory: one copy, socket -> tensor. `RemoteActivationDataset` uses it in each DataLoader
-  worker.
+  the headers, checks them (X-Tensor-Shape x X-Tensor-Dtype must equal Content-Length, the rows must be the
+  rows asked for, the row shape the one seen before) before it allocates anything, then `readinto()`s the
+  body straight into the tensor's memory: one copy, socket -> tensor. `RemoteActivationDataset` uses it in
+  each DataLoader worker.
+
+The server's URL: `url=` if given, else `$ACTDATA_URL`, else `http://localhost:8000` (as the original
+service's client did).
 
 Failure policy, the same for both (`RetryPolicy`): connection errors, timeouts and 502/503/504 are retried
 with exponential backoff (503's `Retry-After` is honoured) until `retry_for_s` seconds have passed since
@@ -14,7 +18,7 @@ bad `num_samples`, missing API key) raises `ActivationServerError` with the serv
 Every socket operation has a timeout. The API key comes from `api_key=` or `ACTDATA_API_KEY` and is sent
 as `Authorization: Bearer <key>`.
 
-`python -m actdata.client URL [--num-samples N]` runs a short demo against a running server.
+`python -m actdata.client [URL] [--num-samples N]` runs a short demo against a running server.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ import torch
 from . import wire
 
 API_KEY_ENV = "ACTDATA_API_KEY"
+URL_ENV = "ACTDATA_URL"
+DEFAULT_URL = "http://localhost:8000"
 RETRY_STATUSES = (502, 503, 504)
 
 
@@ -65,6 +71,12 @@ class _Transient(Exception):
 def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
     """`api_key` if given, else `$ACTDATA_API_KEY`, else None."""
     return api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def resolve_url(url: Optional[str] = None) -> str:
+    """`url` if given, else `$ACTDATA_URL`, else http://localhost:8000; with a scheme, without a trailing '/'."""
+    url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).strip().rstrip("/")
+    return url if "://" in url else "http://" + url
 
 
 def _detail(body: bytes) -> str:
@@ -128,9 +140,10 @@ class TensorReader:
     first used in another, but not shared by two at once.
     """
 
-    def __init__(self, url: str, api_key: Optional[str] = None, timeout: float = 60.0,
+    def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry: Optional[RetryPolicy] = None, rcvbuf: Optional[int] = None):
-        u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        url = resolve_url(url)
+        u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.url = f"{u.scheme}://{u.netloc}{u.path.rstrip('/')}"
@@ -143,6 +156,7 @@ class TensorReader:
         self._headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {key}"} if key else {})}
         self._conn: Optional[http.client.HTTPConnection] = None
         self._requests_on_conn = 0
+        self.row_format: Optional[tuple[tuple[int, ...], torch.dtype]] = None  # (row shape, dtype) once seen
 
     def close(self) -> None:
         if self._conn is not None:
@@ -159,11 +173,15 @@ class TensorReader:
         self._requests_on_conn = 0
         return conn
 
-    def fetch(self, num_samples: int, allocate: Optional[Callable] = None) -> tuple[torch.Tensor, Mapping]:
-        """(tensor, response headers: a case-insensitive mapping) for `num_samples` rows, with retries (see RetryPolicy)."""
-        return self.retry.run(lambda: self._attempt(num_samples, allocate), self.url, "GET tensor from")
+    def fetch(self, num_samples: int, empty: Optional[Callable] = None, out: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, Mapping]:
+        """(tensor, response headers: a case-insensitive mapping) for `num_samples` rows, with retries (see
+        RetryPolicy). The tensor is `out` when given (its shape and dtype must match the answer), else made
+        by `empty(shape, dtype=...)` (default torch.empty, e.g. an allocator of shared memory)."""
+        return self.retry.run(lambda: self._attempt(num_samples, empty, out), self.url, "GET tensor from")
 
-    def _attempt(self, num_samples: int, allocate: Optional[Callable]) -> tuple[torch.Tensor, Mapping]:
+    def _attempt(self, num_samples: int, empty: Optional[Callable], out: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, Mapping]:
         for fresh_retry in (False, True):
             reused = self._conn is not None and self._requests_on_conn > 0
             try:
@@ -173,7 +191,7 @@ class TensorReader:
                 self._requests_on_conn += 1
                 resp = self._conn.getresponse()
                 if resp.status == 200:
-                    return self._read_body(resp, allocate)
+                    return self._read_body(resp, int(num_samples), empty, out)
                 body = resp.read()
             except (OSError, http.client.HTTPException) as e:
                 self.close()
@@ -191,20 +209,49 @@ class TensorReader:
                                         detail=detail)
         raise AssertionError("unreachable")
 
-    def _read_body(self, resp: http.client.HTTPResponse, allocate: Optional[Callable]) -> tuple[torch.Tensor, Mapping]:
-        headers = resp.headers  # case-insensitive (http.client.HTTPMessage)
+    def _bad(self, what: str) -> ActivationServerError:
+        self.close()  # the rest of this body is not read: the connection cannot be reused
+        return ActivationServerError(f"{self.url}: bad tensor response: {what}", url=self.url, status=200,
+                                     detail=what)
+
+    def check_headers(self, headers: Mapping, num_samples: int) -> tuple[tuple[int, ...], torch.dtype, int]:
+        """(shape, dtype, nbytes) of a 200 answer, checked before anything is allocated: the headers describe
+        a tensor (actdata.wire), Content-Length is an integer equal to shape x dtype, the rows are the rows
+        asked for, and the row shape and dtype are those of earlier answers. Raises ActivationServerError."""
         try:
-            tensor, view = (allocate or wire.empty_for)(resp.headers)
+            shape, dtype, nbytes = wire.parse(headers)
         except wire.WireError as e:
-            self.close()
-            raise ActivationServerError(f"{self.url}: bad tensor response: {e}", url=self.url, status=200,
-                                        detail=str(e)) from None
-        got, total = 0, len(view)
-        length = resp.getheader("Content-Length")
-        if length is not None and int(length) != total:
-            self.close()
-            raise ActivationServerError(f"{self.url}: Content-Length {length} but headers describe {total} bytes",
-                                        url=self.url, status=200)
+            raise self._bad(str(e)) from None
+        length = headers.get("Content-Length")
+        if length is None:
+            raise self._bad("no Content-Length")
+        try:
+            length_n = int(length)
+        except ValueError:
+            raise self._bad(f"Content-Length {length!r} is not an integer") from None
+        if not shape or shape[0] != num_samples:
+            raise self._bad(f"{wire.SHAPE} {headers.get(wire.SHAPE)!r} but {num_samples} rows were asked for")
+        if length_n != nbytes:
+            raise self._bad(f"Content-Length {length_n} but {wire.SHAPE} x {wire.DTYPE} describe {nbytes} bytes")
+        row = (shape[1:], dtype)
+        if self.row_format is not None and row != self.row_format:
+            raise self._bad(f"rows of {list(shape[1:])} {dtype} after rows of {list(self.row_format[0])} "
+                            f"{self.row_format[1]}")
+        self.row_format = row
+        return shape, dtype, nbytes
+
+    def _read_body(self, resp: http.client.HTTPResponse, num_samples: int, empty: Optional[Callable],
+                   out: Optional[torch.Tensor]) -> tuple[torch.Tensor, Mapping]:
+        headers = resp.headers  # case-insensitive (http.client.HTTPMessage)
+        shape, dtype, total = self.check_headers(headers, num_samples)
+        if out is not None:
+            if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+                raise self._bad(f"{list(shape)} {dtype} does not fit the batch {list(out.shape)} {out.dtype}")
+            tensor = out
+        else:
+            tensor = (empty or torch.empty)(shape, dtype=dtype)
+        view = tensor.reshape(-1).view(torch.uint8).numpy().data if total else memoryview(bytearray())
+        got = 0
         while got < total:  # usually one call: BufferedReader.readinto fills large buffers from the socket
             n = resp.readinto(view[got:])
             if not n:
@@ -223,7 +270,7 @@ class TensorReader:
 class ActivationClient:
     """The control API of one server.
 
-        client = ActivationClient("http://127.0.0.1:8000")
+        client = ActivationClient("http://127.0.0.1:8000")  # or ActivationClient(): $ACTDATA_URL / localhost:8000
         client.wait_for_data(min_samples=4096, timeout=60)
         x, meta = client.get_activations_tensor(4096)     # x: [4096, *sample_shape]
 
@@ -233,11 +280,9 @@ class ActivationClient:
     unreachable server: they answer False.
     """
 
-    def __init__(self, url: str, api_key: Optional[str] = None, timeout: float = 30.0, retry_for_s: float = 30.0,
-                 backoff: float = 0.1, max_backoff: float = 5.0):
-        self.url = url.rstrip("/")
-        if "://" not in self.url:
-            self.url = "http://" + self.url
+    def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 30.0,
+                 retry_for_s: float = 30.0, backoff: float = 0.1, max_backoff: float = 5.0):
+        self.url = resolve_url(url)
         self.timeout = float(timeout)
         self.retry = RetryPolicy(retry_for_s, backoff, max_backoff)
         key = resolve_api_key(api_key)
@@ -283,7 +328,8 @@ class ActivationClient:
             return False
 
     def get_stats(self) -> dict:
-        """`GET /stats`: buffer counts, fill, rows written/read, sample_shape, dtype, generators, rates."""
+        """`GET /stats`: buffer counts (`valid_samples` = rows ready), fill, rows written/read, sample_shape,
+        dtype, generators, rates, and `server` (its per-request maximum, the same-host identity)."""
         return self._request("GET", "/stats").json()
 
     def wait_for_data(self, min_samples: int = 1, timeout: float = 60.0, check_interval: float = 0.5) -> bool:
@@ -335,7 +381,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m actdata.client", description=main.__doc__)
-    p.add_argument("url", help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("url", nargs="?", default=None,
+                   help=f"server URL (default: ${URL_ENV}, else {DEFAULT_URL})")
     p.add_argument("--num-samples", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5, help="tensor batches to time")
     p.add_argument("--api-key", default=None, help=f"default: ${API_KEY_ENV}")
@@ -350,7 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{c.url}: status={h['status']} fill={h['fill']:.2f} ready={h['ready']}/{h['capacity']} "
               f"sample_shape={h['sample_shape']} dtype={h['dtype']}")
         st = c.get_stats()
-        print(f"stats: rows_written={st['rows_written']} rows_read={st['rows_read']} "
+        print(f"stats: valid_samples={st['valid_samples']} rows_written={st['rows_written']} "
+              f"rows_read={st['rows_read']} "
               f"generators={[g.get('state') for g in st.get('generators', [])]}")
         if not c.wait_for_data(a.num_samples, timeout=a.wait):
             print(f"no {a.num_samples} ready rows within {a.wait:g} s")

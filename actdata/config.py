@@ -111,11 +111,33 @@ def to_config(cfg: Any) -> Config:
     if isinstance(cfg, Config):
         return cfg
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # e.g. BUFFER_SIZE=lots with +preset=env: one line, key and variable
+        raise ConfigError(describe_conversion_error(e)) from None
     if isinstance(obj, Config):
         return obj
     raise ConfigError(f"config: expected the actdata schema, got {type(obj).__name__}")
+
+
+def describe_conversion_error(e: Exception) -> str:
+    """One line for a value OmegaConf could not convert: the dotted key, and the environment variable and
+    its value when the value came from `${oc.env:VAR,default}` (the env preset)."""
+    import re
+
+    key = getattr(e, "full_key", None) or "config"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    env = re.search(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text)
+    target = re.search(r"could not be converted to (\w+)", text)
+    want = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(
+        target.group(1), target.group(1)) if target else None
+    if env:
+        var = env.group(1)
+        return (f"{key}: ${var}={os.environ.get(var, '')!r} is not {want}" if want else
+                f"{key}: from ${var}={os.environ.get(var, '')!r}: {text}")
+    return f"{key}: {text}"
 
 
 def synthetic_shape(cfg: Config) -> tuple[int, ...]:

@@ -1,10 +1,23 @@
-"""Trainers' side: `RemoteActivationDataset` (a torch IterableDataset over one or more servers) and
-`ActivationDataModule` (Lightning).
+"""Trainers' side: `RemoteActivationDataset`, a torch IterableDataset over one or more actdata servers.
 
-    ds = RemoteActivationDataset("http://127.0.0.1:8000", batch_size=4096)
-    loader = DataLoader(ds, batch_size=None, num_workers=4, pin_memory=True, persistent_workers=True)
-    for x in loader:          # x: [4096, *sample_shape], endless unless max_batches / max_samples
+    ds = RemoteActivationDataset("http://127.0.0.1:8000")           # or a list of URLs; or () = $ACTDATA_URL
+    for x in DataLoader(ds):                     # x: [B, *sample_shape], B = the dataset's batch size
         ...
+    for x in DataLoader(ds, batch_size=1024, num_workers=4):        # x: [1024, *sample_shape]
+        ...
+    DataLoader(ds, batch_size=None, num_workers=4)                  # the same batches as the first form
+
+The three forms, and how each is read:
+- `batch_size=None`: each item the dataset yields is a batch `[batch_size, *sample_shape]`.
+- `DataLoader(ds)` (the DataLoader's default batch_size=1) and `batch_size=B`: the dataset yields one
+  placeholder per row; the DataLoader's collate (torch's `default_collate`, which dispatches on the
+  placeholder's type) then fetches the whole batch in one request (split into several when B is above the
+  server's per-request maximum). A DataLoader batch of one placeholder means one batch of the dataset's
+  `batch_size`, so `DataLoader(ds)` yields `[batch_size, *sample_shape]`, never `[1, ...]`. Which form it
+  is, the dataset learns from the fetcher that calls `iter()` on it; a custom `collate_fn` gets rows.
+- `ds.batch_size`: None (the default) asks the server (`GET /stats`, once per worker) for its per-request
+  maximum and capacity and uses min(4096, that maximum, half the buffer). An explicit size above the
+  maximum is read in several requests.
 
 How the work is split: each DataLoader worker of each DDP rank is one *shard*
 (`shard = rank * num_workers + worker_id` of `rank_count * num_workers`). With at least as many shards as
@@ -12,34 +25,46 @@ URLs, shard i reads `urls[i % len(urls)]`; with fewer, shard i reads `urls[i::sh
 URL is read. `max_batches` / `max_samples` are totals over all shards, split as evenly as possible, so the
 rows yielded by all workers of all ranks add up to the number asked for.
 
-The fast path: each shard holds one keep-alive `http.client` connection (`actdata.client.TensorReader`),
-opened inside the worker on first use; the dataset object itself holds only strings and numbers and
-pickles cleanly. A response body is read with `readinto` straight into the tensor that is yielded. Inside a
-DataLoader worker that tensor is allocated in shared memory, so handing it to the main process costs no
-further copy (a plain tensor would be copied into shared memory by the worker queue). That is one copy
-from socket to the batch the main process receives.
+The fast paths: on the server's own host (its buffer file opens, see actdata.local) rows are claimed from
+the shared buffer and gathered straight into the batch; `local=False` forces HTTP, and anything unusual
+falls back to HTTP with one log line. Over HTTP each shard holds one keep-alive `http.client` connection
+(`actdata.client.TensorReader`) and reads a response body with `readinto` straight into the batch. Inside
+a DataLoader worker the batch is allocated in shared memory, so handing it to the main process costs no
+further copy. Connections and attached buffers are made inside the worker on first use; the dataset object
+holds only strings and numbers and pickles cleanly.
+
+Resuming: `state_dict()` / `load_state_dict()` (torchdata's StatefulDataLoader calls them per worker) keep
+the rows and batches a shard has delivered, so a resumed run's `max_samples` / `max_batches` budget
+continues where it stopped.
 
 Failures: connection errors, timeouts and 503 (waiting Retry-After) are retried with backoff for up to
 `retry_for_s` seconds — long enough to ride out a server restart — then `ServerUnavailable` names the URL.
-A 4xx (e.g. `batch_size` above the server's per-request maximum, a wrong API key) raises
-`ActivationServerError` at once.
+A 4xx (e.g. a wrong API key) raises `ActivationServerError` at once.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
+import logging
 import math
 import os
 import sys
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate_fn_map
+
+try:  # torch's fetcher class, to recognise a DataLoader calling iter(); without it every form gets batches
+    from torch.utils.data._utils.fetch import _BaseDatasetFetcher
+except ImportError:  # pragma: no cover - a torch that moved it
+    _BaseDatasetFetcher = None
 
 from . import wire
-from .client import RetryPolicy, TensorReader, resolve_api_key
+from .client import ActivationClient, RetryPolicy, TensorReader, resolve_api_key, resolve_url
 
+log = logging.getLogger("actdata.dataset")
 DEFAULT_RCVBUF = None  # kernel autotuning: a 16 MiB SO_RCVBUF measured no better on loopback
+DEFAULT_BATCH = 4096  # rows per batch when batch_size is None, unless the server allows fewer
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -86,43 +111,194 @@ def shared_empty(shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tens
     return t
 
 
-class RemoteActivationDataset(IterableDataset):
-    """Batches `[batch_size, *sample_shape]` read from `GET /activations/tensor` of one or more servers.
+def resolve_urls(url_or_urls: Union[None, str, Sequence[str]]) -> list[str]:
+    """A list of server URLs from one URL, a list, or None ($ACTDATA_URL, else http://localhost:8000)."""
+    urls = [url_or_urls] if url_or_urls is None or isinstance(url_or_urls, str) else list(url_or_urls)
+    if not urls:
+        raise ValueError("RemoteActivationDataset needs at least one URL")
+    return [resolve_url(u) for u in urls]
 
-    Use with `DataLoader(ds, batch_size=None, ...)` (the dataset batches). Keeps only configuration:
-    urls, batch_size, max_batches, max_samples, dtype (None = as served; else converted on the client),
-    api_key (else $ACTDATA_API_KEY), timeout (seconds per socket operation), retry_for_s (seconds of
-    retrying before an error), rcvbuf (SO_RCVBUF bytes; None = kernel autotuning), rank / world_size
-    (None = from torch.distributed or $RANK / $WORLD_SIZE). The last batch of a shard is smaller when
-    `max_samples` does not divide evenly.
+
+class _Source:
+    """One server as seen by one shard: its row format and per-request maximum (from `GET /stats`, asked
+    once), its same-host reader when the buffer is reachable, else its HTTP reader."""
+
+    def __init__(self, url: str, ds: "RemoteActivationDataset", retry: RetryPolicy):
+        self.url, self.ds = url, ds
+        client = ActivationClient(url, api_key=ds.api_key, timeout=ds.timeout, retry_for_s=ds.retry_for_s)
+        try:
+            st = client.get_stats()
+        finally:
+            client.close()
+        self.sample_shape = tuple(int(x) for x in st["sample_shape"])
+        self.dtype = wire.DTYPES[st["dtype"]]
+        server = st.get("server", {})
+        self.max_rows = max(1, int(server.get("max_samples_per_request") or st["capacity"]))
+        self.half_capacity = max(1, int(st["capacity"]) // 2)
+        self.http = TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf)
+        self.local = None
+        if ds.local:
+            from .local import open_same_host
+
+            self.local, why = open_same_host(server.get("same_host"))
+            if self.local is None:
+                (log.debug if "another host" in why else log.warning)(
+                    "%s: same-host path not used (%s); reading over HTTP", url, why)
+
+    def read(self, n: int, empty: Callable) -> torch.Tensor:
+        """n rows [n, *sample_shape] in the served dtype, in requests of at most max_rows."""
+        if n <= self.max_rows and self.local is None:
+            return self.http.fetch(n, empty=empty)[0]
+        out = empty((n, *self.sample_shape), dtype=self.dtype)
+        for a in range(0, n, self.max_rows):
+            self._read_into(out[a:a + self.max_rows])
+        return out
+
+    def _read_into(self, out: torch.Tensor) -> None:
+        if self.local is not None:
+            from .local import SameHostGone
+
+            try:
+                self.local.read(out, wait_s=self.ds.retry_for_s)
+                return
+            except SameHostGone as e:
+                log.warning("%s: same-host path stopped (%s); reading over HTTP", self.url, e)
+                self.local.close()
+                self.local = None
+        self.http.fetch(len(out), out=out)
+
+    def close(self) -> None:
+        self.http.close()
+        if self.local is not None:
+            self.local.close()
+            self.local = None
+
+
+class _Stream:
+    """One shard's iteration: its sources, its budget and how much of it was delivered."""
+
+    def __init__(self, ds: "RemoteActivationDataset", resume: Optional[dict]):
+        index, shards, self.urls = ds.shard()
+        self.ds = ds
+        self.max_batches = split_evenly(ds.max_batches, shards, index)
+        self.max_samples = split_evenly(ds.max_samples, shards, index)
+        resume = resume or {}
+        self.rows, self.batches = int(resume.get("rows", 0)), int(resume.get("batches", 0))
+        self.in_worker = get_worker_info() is not None
+        self.retry = RetryPolicy(ds.retry_for_s)
+        self.sources: list[_Source] = []  # opened on the first batch, inside the worker
+
+    def open(self) -> None:
+        if not self.sources:
+            self.sources = [_Source(u, self.ds, self.retry) for u in self.urls]
+
+    @property
+    def batch_size(self) -> int:
+        """The dataset's batch size, or min(DEFAULT_BATCH, every source's per-request maximum, half its
+        buffer): a default batch never waits for a completely full buffer."""
+        if self.ds.batch_size is not None:
+            return self.ds.batch_size
+        self.open()
+        return min(DEFAULT_BATCH, *(min(s.max_rows, s.half_capacity) for s in self.sources))
+
+    def exhausted(self) -> bool:
+        return ((self.max_batches is not None and self.batches >= self.max_batches)
+                or (self.max_samples is not None and self.rows >= self.max_samples))
+
+    def next_batch(self, n: int) -> Optional[torch.Tensor]:
+        """The next batch of n rows (fewer when the sample budget ends), or None when the budget is spent."""
+        if self.exhausted():
+            return None
+        if self.max_samples is not None:
+            n = min(n, self.max_samples - self.rows)
+        self.open()
+        source = self.sources[self.batches % len(self.sources)]
+        convert = self.ds.dtype is not None and self.ds.dtype != source.dtype
+        empty = shared_empty if self.in_worker and not convert else torch.empty
+        x = source.read(n, empty)
+        if convert:
+            x = shared_empty(tuple(x.shape), self.ds.dtype).copy_(x) if self.in_worker else x.to(self.ds.dtype)
+        self.rows += n
+        self.batches += 1
+        return x
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+        self.sources = []
+
+
+class PendingRow:
+    """A row of a DataLoader batch not read yet: the collate reads all rows of the batch in one request
+    (see `collate_pending`). The same object stands for every row of a stream."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: _Stream):
+        self.stream = stream
+
+
+def collate_pending(batch: list, *, collate_fn_map=None) -> torch.Tensor:
+    """default_collate for PendingRow: one batch of len(batch) rows (of the dataset's batch size when the
+    DataLoader batch is one placeholder: `DataLoader(ds)`). Ends the stream when its budget is spent."""
+    stream = batch[0].stream
+    x = stream.next_batch(len(batch) if len(batch) > 1 else stream.batch_size)
+    if x is None:
+        raise StopIteration  # the fetcher turns this into the end of the shard's stream
+    return x
+
+
+default_collate_fn_map[PendingRow] = collate_pending  # torch's documented way to extend default_collate
+
+
+def _calling_fetcher(depth: int = 2) -> Optional[_BaseDatasetFetcher]:
+    """The DataLoader fetcher calling iter() on the dataset, if that is who calls (torch.utils.data and
+    torchdata's StatefulDataLoader both use torch's fetchers); None for any other caller."""
+    try:
+        caller = sys._getframe(depth).f_locals.get("self")
+    except ValueError:
+        return None
+    return caller if _BaseDatasetFetcher is not None and isinstance(caller, _BaseDatasetFetcher) else None
+
+
+class RemoteActivationDataset(IterableDataset):
+    """Batches `[batch_size, *sample_shape]` read from one or more actdata servers (see the module docstring
+    for the DataLoader forms). Keeps only configuration: urls (None = $ACTDATA_URL or localhost:8000),
+    batch_size (None = min(4096, the server's per-request maximum, half its buffer)), max_batches,
+    max_samples, dtype (None = as served; else converted on the client), api_key (else $ACTDATA_API_KEY), timeout (seconds per
+    socket operation), retry_for_s (seconds of retrying before an error), rcvbuf (SO_RCVBUF bytes; None =
+    kernel autotuning), rank / world_size (None = from torch.distributed or $RANK / $WORLD_SIZE), local
+    (False = HTTP even on the server's host). The last batch of a shard is smaller when `max_samples` does
+    not divide evenly.
     """
 
-    def __init__(self, url_or_urls: Union[str, Sequence[str]], batch_size: int = 4096,
+    def __init__(self, url_or_urls: Union[None, str, Sequence[str]] = None, batch_size: Optional[int] = None,
                  max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry_for_s: float = 120.0, rcvbuf: Optional[int] = DEFAULT_RCVBUF,
-                 rank: Optional[int] = None, world_size: Optional[int] = None):
+                 rank: Optional[int] = None, world_size: Optional[int] = None, local: bool = True):
         super().__init__()
-        urls = [url_or_urls] if isinstance(url_or_urls, str) else list(url_or_urls)
-        if not urls:
-            raise ValueError("RemoteActivationDataset needs at least one URL")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         for name, v in (("max_batches", max_batches), ("max_samples", max_samples)):
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {v}")
         if dtype is not None and dtype not in wire.DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {list(wire.DTYPE_NAMES)} or None, got {dtype}")
-        self.urls = [u.rstrip("/") for u in urls]
-        self.batch_size, self.max_batches, self.max_samples = int(batch_size), max_batches, max_samples
+        self.urls = resolve_urls(url_or_urls)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.max_batches, self.max_samples = max_batches, max_samples
         self.dtype, self.api_key = dtype, resolve_api_key(api_key)
         self.timeout, self.retry_for_s, self.rcvbuf = float(timeout), float(retry_for_s), rcvbuf
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.local = rank, world_size, bool(local)
         self._dist_at_pickle: Optional[tuple[int, int]] = None
+        self._resume: Optional[dict] = None  # from load_state_dict, used by the next iteration
+        self._stream: Optional[_Stream] = None  # the live iteration of this process (not pickled)
 
     def __getstate__(self):
         # Spawned workers do not see the parent's torch.distributed state: take the rank along.
         state = self.__dict__.copy()
+        state["_stream"] = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             state["_dist_at_pickle"] = distributed_rank_world()
         return state
@@ -145,75 +321,57 @@ class RemoteActivationDataset(IterableDataset):
             return index, shards, [self.urls[index % len(self.urls)]]
         return index, shards, self.urls[index::shards]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        index, shards, urls = self.shard()
-        batches = split_evenly(self.max_batches, shards, index)
-        samples = split_evenly(self.max_samples, shards, index)
-        if batches is None and samples is None:
-            n_batches = math.inf
-        else:
-            n_batches = min(batches if batches is not None else math.inf,
-                            math.ceil(samples / self.batch_size) if samples is not None else math.inf)
-        in_worker = get_worker_info() is not None
-        shared_alloc = functools.partial(wire.empty_for, empty=shared_empty)  # batches born in shared memory
-        retry = RetryPolicy(self.retry_for_s)
-        readers = [TensorReader(u, self.api_key, timeout=self.timeout, retry=retry, rcvbuf=self.rcvbuf)
-                   for u in urls]
+    # -- resuming (torchdata's StatefulDataLoader) -----------------------------------------------------
+    def state_dict(self) -> dict:
+        """{"rows", "batches"} this shard has delivered in the current iteration (or the loaded state)."""
+        if self._stream is not None:
+            return {"rows": self._stream.rows, "batches": self._stream.batches}
+        return dict(self._resume or {"rows": 0, "batches": 0})
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration continues this shard's budget after `state["rows"]` rows / `["batches"]`."""
+        self._resume = {"rows": int(state.get("rows", 0)), "batches": int(state.get("batches", 0))}
+
+    # -- iteration ----------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator:
+        fetcher = _calling_fetcher()
+        stream = self._stream = _Stream(self, self._resume)
+        self._resume = None
+        if fetcher is not None and fetcher.auto_collation:
+            if fetcher.collate_fn is torch.utils.data.default_collate:
+                return self._placeholders(stream)
+            return self._rows(stream)  # a custom collate_fn gets rows, as from any dataset
+        return self._batches(stream)
+
+    @staticmethod
+    def _batches(stream: _Stream) -> Iterator[torch.Tensor]:
         try:
-            done, left = 0, samples
-            while done < n_batches:
-                n = self.batch_size if left is None else min(self.batch_size, left)
-                if n <= 0:
-                    return
-                alloc = shared_alloc if in_worker and self.dtype is None else None
-                x, _ = readers[done % len(readers)].fetch(n, allocate=alloc)
-                if self.dtype is not None and x.dtype != self.dtype:
-                    x = self._convert(x, in_worker)
+            while (x := stream.next_batch(stream.batch_size)) is not None:
                 yield x
-                done += 1
-                left = None if left is None else left - n
         finally:
-            for r in readers:
-                r.close()
+            stream.close()
 
-    def _convert(self, x: torch.Tensor, in_worker: bool) -> torch.Tensor:
-        if not in_worker:
-            return x.to(self.dtype)
-        return shared_empty(tuple(x.shape), self.dtype).copy_(x)
+    @staticmethod
+    def _placeholders(stream: _Stream) -> Iterator[PendingRow]:
+        row = PendingRow(stream)
+        try:
+            while not stream.exhausted():
+                yield row
+        finally:
+            stream.close()
+
+    @classmethod
+    def _rows(cls, stream: _Stream) -> Iterator[torch.Tensor]:
+        for x in cls._batches(stream):
+            yield from x
 
 
-def _lightning():
-    try:
-        import lightning.pytorch as pl
-    except ImportError:  # the standalone package
-        import pytorch_lightning as pl
-    return pl
+def __getattr__(name):  # Lightning is imported only for the DataModule
+    if name == "ActivationDataModule":
+        from .datamodule import ActivationDataModule
 
-
-class ActivationDataModule(_lightning().LightningDataModule):
-    """A LightningDataModule whose `train_dataloader()` streams from actdata server(s).
-
-    The stream is endless (unless `max_batches` / `max_samples`): run the Trainer by `max_steps`. Each
-    DDP rank reads its own share (the dataset finds its rank from torch.distributed); Lightning adds no
-    sampler to an IterableDataset. Keeps: url(s), batch_size, num_workers, pin_memory, prefetch_factor,
-    persistent_workers, and every other keyword for RemoteActivationDataset (dtype, api_key, timeout,
-    retry_for_s, max_batches, max_samples, rcvbuf).
-    """
-
-    def __init__(self, url: Union[str, Sequence[str]], batch_size: int = 4096, num_workers: int = 2,
-                 pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = True,
-                 **dataset_kwargs):
-        super().__init__()
-        self.url, self.batch_size, self.num_workers = url, batch_size, num_workers
-        self.pin_memory, self.prefetch_factor, self.persistent_workers = pin_memory, prefetch_factor, persistent_workers
-        self.dataset_kwargs = dataset_kwargs
-
-    def dataset(self) -> RemoteActivationDataset:
-        return RemoteActivationDataset(self.url, batch_size=self.batch_size, **self.dataset_kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.dataset(), self.num_workers, pin_memory=self.pin_memory,
-                           prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers)
+        return ActivationDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_loader(ds: RemoteActivationDataset, num_workers: int = 2, pin_memory: bool = True,

@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.gzip import GZipMiddleware
 
 from . import __version__, wire
-from .buffer import BufferSpec, NotReady, SharedActivationBuffer
+from .buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity
 from .config import Config
 from .generator import read_statuses, run_supervised
 from .metrics import MetricsMiddleware, ServingMetrics
@@ -129,6 +129,10 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     pool = _ResponseTensors(spec.sample_shape, buffer.data.dtype)
     started = time.time()
     retry = {"Retry-After": str(cfg.server.retry_after_s)}
+    same_host = {"path": spec.path, "host": host_identity(), "pid": os.getpid(), "nonce": buffer.nonce,
+                 "nbytes": spec.nbytes, "data_offset": buffer.data_offset, "capacity": spec.capacity,
+                 "sample_shape": list(spec.sample_shape), "dtype": spec.dtype, "min_fill": spec.min_fill,
+                 "max_reads": spec.max_reads}
     NumSamples = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_rows})")
 
     def not_ready(e: NotReady) -> JSONResponse:
@@ -162,7 +166,8 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         st["generators"] = read_statuses(spec)
         st["server"] = {"pid": os.getpid(), "http_workers": cfg.server.workers, "uptime_s": time.time() - started,
                         "max_samples_per_request": max_rows,
-                        "bytes_per_s_out": st["reads_per_s"] * st["row_bytes"]}
+                        "bytes_per_s_out": st["reads_per_s"] * st["row_bytes"],
+                        "same_host": same_host}  # actdata.local: the buffer file a reader on this host may open
         return st
 
     @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype)",

