@@ -94,15 +94,17 @@ class RemoteActivationDataset(IterableDataset):
     api_key (else $ACTDATA_API_KEY), timeout (seconds per socket operation), retry_for_s (seconds of
     retrying before an error), rcvbuf (SO_RCVBUF bytes; None = kernel autotuning), rank / world_size
     (None = from torch.distributed or $RANK / $WORLD_SIZE). The last batch of a shard is smaller when
-    `max_samples` does not divide evenly.
+    `max_samples` does not divide evenly. With `provenance=True` each batch is a `ProvenanceBatch`
+    (activations, token_ids, positions, doc_ids; the server needs generator.provenance=true).
     """
 
     def __init__(self, url_or_urls: Union[str, Sequence[str]], batch_size: int = 4096,
                  max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry_for_s: float = 120.0, rcvbuf: Optional[int] = DEFAULT_RCVBUF,
-                 rank: Optional[int] = None, world_size: Optional[int] = None):
+                 rank: Optional[int] = None, world_size: Optional[int] = None, provenance: bool = False):
         super().__init__()
+        self.provenance = bool(provenance)  # yield ProvenanceBatch(activations, token_ids, positions, doc_ids)
         urls = [url_or_urls] if isinstance(url_or_urls, str) else list(url_or_urls)
         if not urls:
             raise ValueError("RemoteActivationDataset needs at least one URL")
@@ -165,6 +167,15 @@ class RemoteActivationDataset(IterableDataset):
                 n = self.batch_size if left is None else min(self.batch_size, left)
                 if n <= 0:
                     return
+                if self.provenance:
+                    b = readers[done % len(readers)].fetch_provenance(n)
+                    x = b.activations
+                    if self.dtype is not None and x.dtype != self.dtype:
+                        x = self._convert(x, in_worker)
+                    yield b._replace(activations=x)
+                    done += 1
+                    left = None if left is None else left - n
+                    continue
                 alloc = shared_alloc if in_worker and self.dtype is None else None
                 x, _ = readers[done % len(readers)].fetch(n, allocate=alloc)
                 if self.dtype is not None and x.dtype != self.dtype:

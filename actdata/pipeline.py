@@ -33,17 +33,26 @@ class ModelSource:
     """Endless (rows, origin, info) items from a model over a text corpus on one device.
 
     rows: CPU tensor [k, *sample_shape] in buffer.dtype; valid until the next item is requested.
-    origin: int64 [k], the context each row comes from: (index << 40) | context counter.
-    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so far}.
+    origin: int64 [k], the context each row comes from: (g << 40) | context counter, unique across generators.
+    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so far,
+           "position": the corpus position right after this item (actdata.text), "next_context": the context
+           counter after it, and with generator.provenance "provenance": {"token_ids": int32 [k] (the token at
+           the row's position), "positions": int32 [k] (0 = BOS), "doc_ids": int64 [k] (= origin)}}.
+    `index` is the generator's global number g of `count` = G: it reads only its share of the corpus
+    (actdata.text). `start` = a saved state {"position", "next_context"} to continue from.
     The model and tokenizer load in the constructor; iterating starts the pipeline threads.
     """
 
     QUEUE_DEPTH = 3  # token batches waiting for a forward; finished items waiting for the consumer
 
-    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True):
+    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True, count: int = 1,
+                 start: Optional[dict] = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # keep the cores for the forward
         g = cfg.generator
-        self.cfg, self.index, self.loop = cfg, index, loop
+        self.cfg, self.index, self.loop, self.count = cfg, index, loop, count
+        self.start_position = (start or {}).get("position")
+        self.provenance = bool(g.provenance)
+        torch.manual_seed((g.seed * 1_000_003 + index) % (1 << 63))  # the generator's randomness, if any
         self.device = torch.device(device if cfg.model.device in ("auto", "", None) else cfg.model.device)
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg)
@@ -56,7 +65,7 @@ class ModelSource:
         self.capture = Capture(self.model, self.plan, self.dtype)
         self.special_ids = set(self.tokenizer.all_special_ids)
         self.outliers = OutlierFilter(g.outlier_factor) if g.outlier_factor else None
-        self.contexts = 0
+        self.contexts = int((start or {}).get("next_context", 0))
         log.info("model %s on %s (%s) loaded in %.1f s; rows %s %s from %d sites", cfg.model.name, self.device,
                  cfg.model.dtype, time.perf_counter() - t0, list(self.plan.shape), cfg.buffer.dtype,
                  len(self.plan.sites))
@@ -65,7 +74,8 @@ class ModelSource:
         from .text import TokenBlocks
 
         g = self.cfg.generator
-        return TokenBlocks(self.cfg.dataset, self.tokenizer, g.context_length, g.batch_size, loop=self.loop)
+        return TokenBlocks(self.cfg.dataset, self.tokenizer, g.context_length, g.batch_size, loop=self.loop,
+                           g=self.index, G=self.count, start=self.start_position)
 
     def keep(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         g = self.cfg.generator
@@ -81,12 +91,16 @@ class ModelSource:
             ctx = (self.index << 40) | (self.contexts + np.arange(n, dtype=np.int64))
             self.contexts += n
             origin = ctx[(flat // T).numpy()]
+            info = {"contexts": n, "tokens": int(b.attention_mask.sum()), "corpus_passes": b.corpus_passes,
+                    "position": b.position, "next_context": self.contexts}
+            if self.provenance:
+                info["provenance"] = {"token_ids": b.input_ids.view(-1)[flat].numpy().astype(np.int32),
+                                      "positions": (flat % T).numpy().astype(np.int32), "doc_ids": origin}
             mask = None if bool(b.attention_mask.all()) else b.attention_mask  # None: plain causal attention
             tensors = [b.input_ids, mask, flat]
             if pin:
                 tensors = [t.pin_memory() if t is not None else None for t in tensors]
-            tokens = int(b.attention_mask.sum())
-            yield (*tensors, origin, {"contexts": n, "tokens": tokens, "corpus_passes": b.corpus_passes})
+            yield (*tensors, origin, info)
 
     # Stage 2 (thread): forward -> rows on the host.
     def _forward(self, item, staging: Optional[torch.Tensor]):
@@ -111,7 +125,10 @@ class ModelSource:
         if self.outliers is not None and len(rows):
             ok = self.outliers(rows)
             if not bool(ok.all()):
-                rows, origin = rows[ok], origin[ok.numpy()]
+                keep = ok.numpy()
+                rows, origin = rows[ok], origin[keep]
+                if "provenance" in info:
+                    info = {**info, "provenance": {k: v[keep] for k, v in info["provenance"].items()}}
         return rows.reshape(len(rows), *self.plan.shape), origin, info
 
     def __iter__(self):
