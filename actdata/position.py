@@ -18,7 +18,7 @@ generator stops, so after a kill they may miss the last few seconds of rows.
 
 `identity` names what the position belongs to: model (name, revision, dtype), dataset (name, config,
 split, column, seed, streaming, shuffle buffer), sites, layers, squeeze, context length, drop rules, source,
-node_rank/num_nodes. A state file whose identity differs from the config (or that cannot be parsed)
+node_rank/num_nodes, buffer.dtype (the statistics are of the rows as stored) and the synthetic row shape. A state file whose identity differs from the config (or that cannot be parsed)
 is ignored with a log line naming it, and the generator starts fresh.
 """
 from __future__ import annotations
@@ -40,8 +40,12 @@ STATS_EVERY_S = 5.0
 def identity(cfg: Config) -> dict:
     """What a saved position belongs to: everything that changes which text becomes which row."""
     m, d, g, s = cfg.model, cfg.dataset, cfg.generator, cfg.server
-    ident = {"source": g.source, "node_rank": s.node_rank, "num_nodes": s.num_nodes}
-    if g.source == "model":
+    ident = {"source": g.source, "node_rank": s.node_rank, "num_nodes": s.num_nodes, "rows": cfg.buffer.dtype}
+    if g.source == "synthetic":
+        from .config import synthetic_shape
+
+        ident["shape"] = list(synthetic_shape(cfg))
+    else:
         ident.update({"model": [m.name, m.revision, m.dtype],
                       "dataset": [d.name, d.config, d.split, d.text_column, d.seed, d.streaming, d.shuffle_buffer],
                       "sites": list(g.sites), "layers": g.layers if g.layers == "all" else list(g.layers),
