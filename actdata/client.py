@@ -247,8 +247,8 @@ class TensorReader:
         if length is None:
             body = bytearray(resp.read())
         else:
-            body, got = bytearray(int(length)), 0
-            view = memoryview(body)
+            body = torch.empty(int(length), dtype=torch.uint8).numpy().data  # not zero-filled, unlike bytearray
+            view, got = body, 0
             while got < len(body):
                 n = resp.readinto(view[got:])
                 if not n:
