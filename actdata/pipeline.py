@@ -39,13 +39,13 @@ class ModelSource:
            counter after it, and with generator.provenance "provenance": {"token_ids": int32 [k] (the token at
            the row's position), "positions": int32 [k] (0 = BOS), "doc_ids": int64 [k] (= origin)}}.
     `index` is the generator's global number g of `count` = G: it reads only its share of the corpus
-    (actdata.text). `start` = a saved state {"position", "next_context"} to continue from.
+    (actdata.text); `count=None` reads the whole corpus (index then only numbers the context ids). `start` = a saved state {"position", "next_context"} to continue from.
     The model and tokenizer load in the constructor; iterating starts the pipeline threads.
     """
 
     QUEUE_DEPTH = 3  # token batches waiting for a forward; finished items waiting for the consumer
 
-    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True, count: int = 1,
+    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True, count: Optional[int] = None,
                  start: Optional[dict] = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # keep the cores for the forward
         g = cfg.generator
@@ -75,7 +75,7 @@ class ModelSource:
 
         g = self.cfg.generator
         return TokenBlocks(self.cfg.dataset, self.tokenizer, g.context_length, g.batch_size, loop=self.loop,
-                           g=self.index, G=self.count, start=self.start_position)
+                           g=self.index if self.count else 0, G=self.count or 1, start=self.start_position)
 
     def keep(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         g = self.cfg.generator
