@@ -208,18 +208,36 @@ def test_two_cpu_generators_provenance_statistics_and_422(start_server, tmp_path
         ActivationClient(plain.url).get_activations_tensor(4, provenance=True)
 
 
-def test_synthetic_generator_restarted_with_the_server_never_reissues_an_id(start_server, tmp_path):
+def test_killed_worker_and_restarted_server_never_reissue_an_id(start_server, tmp_path):
+    """Serve-once across restarts: a generator worker killed (SIGKILL) and restarted by LitServe, then the
+    whole server restarted with the same state dir: every id served is new."""
+    import signal
+    import time
+
     args = ["+preset=test", "generator.source=synthetic", "buffer.size=512", "buffer.min_fill=1.0",
             f"generator.state_dir={tmp_path}"]
     ids = []
-    for _ in range(2):
+    for run in range(2):
         srv = start_server(*args, base=[])
         c = ActivationClient(srv.url, retry_for_s=120)
         assert c.wait_for_data(512, timeout=120)
         x, _ = c.get_activations_tensor(512)
-        ids.append(set(row_ids(x).tolist()))
+        ids.append(row_ids(x).tolist())
+        if run == 0:  # kill the generator worker mid-stream; LitServe starts it again, it resumes
+            pid = c.get_stats()["generators"][0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                g = c.get_stats()["generators"][0]
+                if g["pid"] != pid and g["state"] == "running":
+                    break
+                time.sleep(0.5)
+            assert c.wait_for_data(512, timeout=120)
+            x, _ = c.get_activations_tensor(512)
+            ids.append(row_ids(x).tolist())
         srv.stop()
-    assert not ids[0] & ids[1], "the restarted generator continued after every id it had saved"
+    every = sum(ids, [])
+    assert len(every) == len(set(every)) == 3 * 512, "no id was served twice across a kill and a restart"
 
 
 MODEL = ["+preset=test", "server.generators_per_device=2", "generator.provenance=true", "generator.layers=[0]",
