@@ -91,7 +91,8 @@ class GeneratorConfig:
     state_dir: Optional[str] = "auto"  # saved corpus position + statistics per generator; auto = user cache dir
     # derived from the config's identity; null = no resume (every start reads its share from the beginning)
     provenance: bool = False  # keep token id, position and context id per row (GET ...?provenance=1)
-    statistics: bool = True  # running mean/variance/norms of the rows written, per capture point (GET /statistics)
+    statistics: Optional[bool] = None  # running mean/variance/norms of the rows written (GET /statistics);
+    # null = on for the model source, off for synthetic (it would cost the synthetic writer ~10x its speed)
 
 
 @dataclass

@@ -54,6 +54,12 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: i
     return ModelSource(cfg, device, index, count=count, start=start)
 
 
+def statistics_enabled(cfg: Config) -> bool:
+    """generator.statistics, where null means: on for the model source, off for the synthetic one."""
+    s = cfg.generator.statistics
+    return cfg.generator.source == "model" if s is None else bool(s)
+
+
 def stats_path(spec: BufferSpec, name: str) -> str:
     return f"{spec.path}.stats-{name}.safetensors"
 
@@ -89,7 +95,7 @@ class Progress:
         self.saved = (self.state.load() if self.state else None) or {}
         self.totals = {k: int(self.saved.get(k, 0)) for k in ("contexts", "tokens", "rows")}
         self.stats = None
-        if cfg.generator.statistics:
+        if statistics_enabled(cfg):
             self.stats = (self.state.load_stats(spec.sample_shape) if self.state else None) or RunningStats(spec.sample_shape)
         self._published = 0.0
         self.publish_stats(force=True)

@@ -34,7 +34,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from . import __version__, wire
 from .buffer import BufferSpec, NotReady, SharedActivationBuffer
 from .config import Config
-from .generator import read_statistics, read_statuses, run_supervised
+from .generator import read_statistics, read_statuses, run_supervised, statistics_enabled
 from .metrics import MetricsMiddleware, ServingMetrics
 from .metrics import render as render_metrics
 
@@ -232,10 +232,10 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         total = merged([st for _, st in per]) or RunningStats(spec.sample_shape)
         if format == "safetensors":
             meta = {"sample_shape": ",".join(map(str, total.sample_shape)), "generators": str(len(per)),
-                    "enabled": str(bool(cfg.generator.statistics)).lower()}
+                    "enabled": str(statistics_enabled(cfg)).lower()}
             return Response(content=wire.encode_tensors(total.tensors(), meta), media_type=wire.SAFETENSORS_MEDIA_TYPE,
                             headers={wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"})
-        return {**total.summary(), "enabled": bool(cfg.generator.statistics), "dtype": spec.dtype,
+        return {**total.summary(), "enabled": statistics_enabled(cfg), "dtype": spec.dtype,
                 "generators": [{"name": name, "count": st.count} for name, st in per]}
 
     @app.post("/refresh", summary="Drop every ready row so that it is regenerated")

@@ -145,7 +145,7 @@ def test_unwritable_state_dir_is_a_one_line_config_error(tmp_path):
 
 # -- through real servers ------------------------------------------------------------------------------
 
-TWO_SYNTHETIC = ["+preset=test", "generator.source=synthetic", "server.generators_per_device=2",
+TWO_SYNTHETIC = ["+preset=test", "generator.source=synthetic", "server.generators_per_device=2", "generator.statistics=true",
                  "generator.provenance=true", "buffer.size=1024", "buffer.min_fill=1.0"]
 
 
@@ -215,12 +215,14 @@ def test_killed_worker_and_restarted_server_never_reissue_an_id(start_server, tm
     import time
 
     args = ["+preset=test", "generator.source=synthetic", "buffer.size=512", "buffer.min_fill=1.0",
-            f"generator.state_dir={tmp_path}"]
+            f"generator.state_dir={tmp_path}", "generator.statistics=true"]
     ids = []
     for run in range(2):
         srv = start_server(*args, base=[])
         c = ActivationClient(srv.url, retry_for_s=120)
         assert c.wait_for_data(512, timeout=120)
+        if run == 1:  # the statistics were saved with the state: they count run 0's rows (>= 1024) too
+            assert c.get_statistics()["count"] >= 1024
         x, _ = c.get_activations_tensor(512)
         ids.append(row_ids(x).tolist())
         if run == 0:  # kill the generator worker mid-stream; LitServe starts it again, it resumes
