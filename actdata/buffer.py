@@ -10,7 +10,15 @@ given) that every process attaches to by path:
     origin   int64 [capacity]  the context a row came from (for the batch-mixing statistic)
     free     int64 [capacity]  list of FREE slot ids (first n_free entries valid)
     ready    int64 [capacity]  list of READY slot ids (first n_ready entries valid)
+    -- only with provenance (BufferSpec.provenance, generator.provenance=true); -1 where a writer gave none:
+    token_ids int32 [capacity] the token at the row's position
+    positions int32 [capacity] the row's position in its context (0 = BOS)
+    doc_ids   int64 [capacity] the row's context id: (g << 40) | context counter of generator g, unique
+                               across the generators of every node
     data     [capacity, *sample_shape] rows, page-aligned
+
+Provenance is written with the rows, into slots the writer claimed, and read out with the rows under the
+reader's claim (`read_provenance`), so it always describes the row it is served with.
 
 State changes happen under a cross-process lock (flock on the file, which the kernel drops if its
 holder dies); row copies happen outside it. A writer copies only into slots it claimed (WRITING) and a
@@ -65,18 +73,24 @@ class BufferSpaceError(RuntimeError):
     """The filesystem behind the buffer has less free space than the buffer needs."""
 
 
-def index_bytes(capacity: int) -> int:
+PROVENANCE_ARRAYS = (("token_ids", np.int32), ("positions", np.int32), ("doc_ids", np.int64))
+
+
+def index_bytes(capacity: int, provenance: bool = False) -> int:
     """Bytes of header and per-slot index arrays for a buffer of `capacity` rows."""
-    return _layout(capacity, 0)["data"]
+    return _layout(capacity, 0, provenance)["data"]
 
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _layout(capacity: int, row_bytes: int) -> dict:
+def _layout(capacity: int, row_bytes: int, provenance: bool = False) -> dict:
     off, out = _HEADER_BYTES, {}
-    for name, itemsize in (("state", 1), ("reads", 4), ("owner", 4), ("origin", 8), ("free", 8), ("ready", 8)):
+    arrays = (("state", 1), ("reads", 4), ("owner", 4), ("origin", 8), ("free", 8), ("ready", 8))
+    if provenance:
+        arrays += tuple((name, np.dtype(t).itemsize) for name, t in PROVENANCE_ARRAYS)
+    for name, itemsize in arrays:
         out[name] = off
         off = _align(off + capacity * itemsize, 64)
     out["data"] = _align(off, _PAGE)
@@ -94,6 +108,7 @@ class BufferSpec:
     dtype: str
     min_fill: float = 0.0
     max_reads: int = 1
+    provenance: bool = False  # per-slot token id, position and context id (see the module docstring)
 
     @property
     def row_bytes(self) -> int:
@@ -101,7 +116,7 @@ class BufferSpec:
 
     @property
     def nbytes(self) -> int:
-        return _layout(self.capacity, self.row_bytes)["total"]
+        return _layout(self.capacity, self.row_bytes, self.provenance)["total"]
 
 
 def segment_name(prefix: str) -> str:
@@ -229,7 +244,7 @@ class SharedActivationBuffer:
 
     def __init__(self, spec: BufferSpec, _mm: mmap.mmap, owner: bool):
         self.spec, self.owner, self._mm = spec, owner, _mm
-        cap, lay = spec.capacity, _layout(spec.capacity, spec.row_bytes)
+        cap, lay = spec.capacity, _layout(spec.capacity, spec.row_bytes, spec.provenance)
         self._h = np.frombuffer(_mm, np.int64, _HEADER_BYTES // 8, 0)
         self._hf = np.frombuffer(_mm, np.float64, _HEADER_BYTES // 8, 0)
         if self._h[_MAGIC] not in (0, MAGIC) or (self._h[_MAGIC] == MAGIC and self._h[_CAPACITY] != cap):
@@ -240,6 +255,8 @@ class SharedActivationBuffer:
         self._origin = np.frombuffer(_mm, np.int64, cap, lay["origin"])
         self._free = np.frombuffer(_mm, np.int64, cap, lay["free"])
         self._ready = np.frombuffer(_mm, np.int64, cap, lay["ready"])
+        self._prov = {name: np.frombuffer(_mm, t, cap, lay[name]) for name, t in PROVENANCE_ARRAYS} \
+            if spec.provenance else None
         raw = torch.frombuffer(_mm, dtype=torch.uint8, count=cap * spec.row_bytes, offset=lay["data"])
         self.data = raw.view(TORCH_DTYPES[spec.dtype]).view(cap, *spec.sample_shape)
         self._bytes = raw.numpy().reshape(cap, spec.row_bytes)  # the same rows as raw bytes
@@ -251,14 +268,15 @@ class SharedActivationBuffer:
     # -- life cycle -----------------------------------------------------------------------------
     @classmethod
     def create(cls, capacity: int, sample_shape, dtype: str = "float32", *, min_fill: float = 0.0,
-               max_reads: int = 1, path: Optional[str] = None, prefix: str = "actdata") -> "SharedActivationBuffer":
+               max_reads: int = 1, path: Optional[str] = None, prefix: str = "actdata",
+               provenance: bool = False) -> "SharedActivationBuffer":
         """Create a new buffer file. `path`: None = /dev/shm, a directory, or a file path to create."""
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
         directory = path or SHM_DIR
         file_path = os.path.join(directory, segment_name(prefix)) if os.path.isdir(directory) else directory
         spec = BufferSpec(file_path, int(capacity), tuple(int(x) for x in sample_shape), dtype,
-                          float(min_fill), int(max_reads))
+                          float(min_fill), int(max_reads), bool(provenance))
         check_space(file_path, spec.nbytes)
         fd = os.open(file_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -293,7 +311,7 @@ class SharedActivationBuffer:
         if self.owner:
             self.unlink()
         self.data = self._bytes = self._h = self._hf = None  # drop views of the map before closing it
-        self._state = self._reads = self._owner = self._origin = self._free = self._ready = None
+        self._state = self._reads = self._owner = self._origin = self._free = self._ready = self._prov = None
         try:
             self._mm.close()
         except BufferError:  # a caller still holds a view of the rows; the map goes with it
@@ -336,9 +354,11 @@ class SharedActivationBuffer:
 
     def write(self, rows: torch.Tensor, origin: Optional[np.ndarray] = None,
               stop: Optional[threading.Event] = None, poll_s: float = 0.002,
-              on_wait: Optional[Callable[[], None]] = None) -> int:
+              on_wait: Optional[Callable[[], None]] = None, provenance: Optional[dict] = None) -> int:
         """Write rows into random FREE slots, waiting for slots as needed (calling `on_wait` while
-        the buffer is full); returns rows written (fewer only when `stop` is set while waiting)."""
+        the buffer is full); returns rows written (fewer only when `stop` is set while waiting).
+        `provenance`: {"token_ids", "positions", "doc_ids"} arrays [len(rows)], kept with the rows when the
+        buffer has provenance arrays (-1 is stored when a writer gives none)."""
         rows = rows.reshape(len(rows), *self.spec.sample_shape)
         done = 0
         while done < len(rows):
@@ -353,6 +373,9 @@ class SharedActivationBuffer:
                 continue
             part = rows[done:done + len(ids)].to(self.data.dtype).reshape(len(ids), -1).contiguous()
             self._bytes[ids] = part.view(torch.uint8).numpy()  # one memcpy per row, no thread pool
+            if self._prov is not None:
+                for name, arr in self._prov.items():
+                    arr[ids] = -1 if provenance is None else provenance[name][done:done + len(ids)]
             self.commit(ids, None if origin is None else origin[done:done + len(ids)])
             done += len(ids)
         return done
@@ -402,6 +425,29 @@ class SharedActivationBuffer:
         finally:
             self.release(ids, epoch)
         return ids, out[:len(ids)]
+
+    def read_provenance(self, k: int, out: Optional[torch.Tensor] = None, prov_out: Optional[dict] = None
+                        ) -> tuple[np.ndarray, torch.Tensor, dict]:
+        """`read` that also returns the rows' provenance {"token_ids", "positions", "doc_ids"} (numpy
+        arrays, or copied into the tensors of `prov_out`), gathered under the same claim as the rows."""
+        if self._prov is None:
+            raise ValueError("this buffer keeps no provenance (generator.provenance=false)")
+        ids, epoch = self.claim_ready(k)
+        ids.sort()
+        try:
+            if out is None:
+                out = torch.empty((len(ids), *self.spec.sample_shape), dtype=self.data.dtype)
+            torch.index_select(self.data, 0, torch.from_numpy(ids), out=out[:len(ids)])
+            prov = {}
+            for name, arr in self._prov.items():
+                if prov_out is not None:
+                    np.take(arr, ids, out=prov_out[name].numpy()[:len(ids)])
+                    prov[name] = prov_out[name][:len(ids)]
+                else:
+                    prov[name] = arr[ids]
+        finally:
+            self.release(ids, epoch)
+        return ids, out[:len(ids)], prov
 
     def prefault(self, chunk_bytes: int = 64 << 20, pause_s: float = 0.001,
                  stop: Optional[threading.Event] = None) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import random
 import socket
 import time
 import urllib.parse
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import requests
 import torch
@@ -129,6 +130,25 @@ class RetryPolicy:
                 n += 1
 
 
+class ProvenanceBatch(NamedTuple):
+    """Rows with their origin (`GET /activations/tensor?provenance=1`; needs generator.provenance=true).
+    doc_ids: the context id, (g << 40) | context counter of generator g; positions: the row's position in
+    that context (0 = BOS); token_ids: the token at that position."""
+
+    activations: torch.Tensor  # [n, *sample_shape]
+    token_ids: torch.Tensor  # int32 [n]
+    positions: torch.Tensor  # int32 [n]
+    doc_ids: torch.Tensor  # int64 [n]
+
+
+def scaling_factor(statistics: Mapping) -> list:
+    """The normalising factor per capture point from `get_statistics()`: sqrt(width / mean squared norm), the
+    constant that makes the scaled rows' mean squared norm equal their width (the 'normalize activations'
+    convention of SAELens and dictionary_learning). Multiply rows of point p by factor[p]."""
+    width = statistics["width"]
+    return [None if not m else math.sqrt(width / m) for m in statistics["mean_sq_norm"]]
+
+
 class TensorReader:
     """One keep-alive `http.client` connection that fetches `[n, *sample_shape]` tensors.
 
@@ -180,16 +200,24 @@ class TensorReader:
         by `empty(shape, dtype=...)` (default torch.empty, e.g. an allocator of shared memory)."""
         return self.retry.run(lambda: self._attempt(num_samples, empty, out), self.url, "GET tensor from")
 
-    def _attempt(self, num_samples: int, empty: Optional[Callable], out: Optional[torch.Tensor]
-                 ) -> tuple[torch.Tensor, Mapping]:
+    def fetch_provenance(self, num_samples: int) -> ProvenanceBatch:
+        """`num_samples` rows with their provenance (one safetensors body), with retries."""
+        return self.retry.run(lambda: self._attempt(num_samples, None, None, provenance=True), self.url,
+                              "GET tensor from")
+
+    def _attempt(self, num_samples: int, empty: Optional[Callable], out: Optional[torch.Tensor],
+                 provenance: bool = False):
+        query = f"num_samples={int(num_samples)}" + (f"&{wire.PROVENANCE_QUERY}=1" if provenance else "")
         for fresh_retry in (False, True):
             reused = self._conn is not None and self._requests_on_conn > 0
             try:
                 if self._conn is None:
                     self._conn = self._connect()
-                self._conn.request("GET", f"{self._path}?num_samples={int(num_samples)}", headers=self._headers)
+                self._conn.request("GET", f"{self._path}?{query}", headers=self._headers)
                 self._requests_on_conn += 1
                 resp = self._conn.getresponse()
+                if resp.status == 200 and provenance:
+                    return self._read_tensors(resp, int(num_samples))
                 if resp.status == 200:
                     return self._read_body(resp, int(num_samples), empty, out)
                 body = resp.read()
@@ -260,6 +288,35 @@ class TensorReader:
         if resp.will_close:
             self.close()
         return tensor, headers
+
+    def _read_tensors(self, resp: http.client.HTTPResponse, num_samples: int) -> ProvenanceBatch:
+        """A safetensors body (rows + provenance) read into one buffer; the tensors are views of it."""
+        length = resp.getheader("Content-Length")
+        try:
+            nbytes = int(length)
+        except (TypeError, ValueError):
+            raise self._bad(f"Content-Length {length!r} is not an integer") from None
+        if self.row_format is not None:  # never allocate more than the rows asked for can take
+            shape, dtype = self.row_format
+            most = num_samples * (math.prod(shape) * dtype.itemsize + 16) + (64 << 10)
+            if not 0 <= nbytes <= most:
+                raise self._bad(f"Content-Length {nbytes} is more than {num_samples} rows with provenance take")
+        body = torch.empty(nbytes, dtype=torch.uint8).numpy().data  # not zero-filled, unlike bytearray
+        view, got = body, 0
+        while got < len(body):
+            n = resp.readinto(view[got:])
+            if not n:
+                raise http.client.IncompleteRead(b"", len(body) - got)
+            got += n
+        if resp.will_close:
+            self.close()
+        try:
+            t, _ = wire.decode_tensors(body)
+            return ProvenanceBatch(t["activations"], t["token_ids"], t["positions"], t["doc_ids"])
+        except (wire.WireError, KeyError) as e:
+            self.close()
+            raise ActivationServerError(f"{self.url}: bad safetensors response: {e}", url=self.url, status=200,
+                                        detail=str(e)) from None
 
     def __getstate__(self):  # a connection does not travel between processes: the copy reconnects
         state = self.__dict__.copy()
@@ -353,13 +410,31 @@ class ActivationClient:
         buffer_stats. Slow for large batches; use get_activations_tensor."""
         return self._request("GET", wire.JSON_PATH, params={"num_samples": int(num_samples)}).json()
 
-    def get_activations_tensor(self, num_samples: int) -> tuple[torch.Tensor, dict]:
+    def get_activations_tensor(self, num_samples: int, provenance: bool = False):
         """(tensor [num_samples, *sample_shape], metadata) from `GET /activations/tensor`, read straight
-        into the tensor. metadata: shape, dtype (wire name), num_samples, nbytes, seconds, url."""
+        into the tensor. metadata: shape, dtype (wire name), num_samples, nbytes, seconds, url.
+        With `provenance=True`: a ProvenanceBatch (activations, token_ids, positions, doc_ids) instead,
+        from one safetensors body; the server must run with generator.provenance=true (else HTTP 422)."""
+        if provenance:
+            return self._reader.fetch_provenance(num_samples)
         t0 = time.perf_counter()
         t, headers = self._reader.fetch(num_samples)
         return t, {"shape": list(t.shape), "dtype": wire.DTYPE_NAMES[t.dtype], "num_samples": t.shape[0],
                    "nbytes": t.numel() * t.element_size(), "seconds": time.perf_counter() - t0, "url": self.url}
+
+    def get_statistics(self, tensors: bool = False):
+        """`GET /statistics`: running statistics of every row generated, per capture point, merged over the
+        generators. JSON summary (count, sample_shape, width, mean_sq_norm, mean_norm, scaling_factor,
+        mean_of_mean, mean_of_var, generators), or with `tensors=True` the full float64 tensors (mean, var,
+        m2 [points, width]; mean_sq_norm, mean_norm, scaling_factor [points]; count) from a safetensors body."""
+        if not tensors:
+            return self._request("GET", "/statistics").json()
+        r = self._request("GET", "/statistics", params={"format": "safetensors"})
+        return wire.decode_tensors(bytearray(r.content))[0]
+
+    def get_scaling_factor(self) -> list:
+        """Per capture point, the factor that makes the mean squared norm of scaled rows equal their width."""
+        return scaling_factor(self.get_statistics())
 
     def refresh(self) -> dict:
         """`POST /refresh`: every ready row is dropped and regenerated; returns {"refreshed": n, ...}."""

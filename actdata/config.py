@@ -39,6 +39,7 @@ class ServerConfig:
     ready_file: Optional[str] = None  # when set, {"url", "port", "pid"} is written here once serving
     node_rank: int = 0  # this server's index among num_nodes servers sharing one corpus (a cluster)
     num_nodes: int = 1  # generator g of G: g = node_rank * local generators + worker index
+    generators_per_device: int = 1  # generator workers per device (2 on the CPU: two disjoint corpus shares)
 
 
 @dataclass
@@ -86,7 +87,12 @@ class GeneratorConfig:
     outlier_factor: Optional[float] = None  # drop rows whose norm exceeds this multiple of the running median
     rows_per_second: Optional[float] = None  # synthetic source: throttle; null = flat out
     compile: bool = False  # torch.compile blocks without capture sites (~5-10% faster on CPU; ~10-35 s more start-up)
-    seed: int = 0
+    seed: int = 0  # seeds torch per generator (torch.manual_seed(seed, g)); the corpus order follows dataset.seed
+    state_dir: Optional[str] = "auto"  # saved corpus position + statistics per generator; auto = user cache dir
+    # derived from the config's identity; null = no resume (every start reads its share from the beginning)
+    provenance: bool = False  # keep token id, position and context id per row (GET ...?provenance=1)
+    statistics: Optional[bool] = None  # running mean/variance/norms of the rows written (GET /statistics);
+    # null = on for the model source, off for synthetic (it would cost the synthetic writer ~10x its speed)
 
 
 @dataclass
@@ -155,7 +161,7 @@ def estimate_bytes(cfg: Config, shape: tuple[int, ...]) -> int:
     """Bytes the buffer will take: rows plus the per-slot index arrays (see buffer.py)."""
     from .buffer import index_bytes
 
-    return cfg.buffer.size * row_bytes(shape, cfg.buffer.dtype) + index_bytes(cfg.buffer.size)
+    return cfg.buffer.size * row_bytes(shape, cfg.buffer.dtype) + index_bytes(cfg.buffer.size, cfg.generator.provenance)
 
 
 def human_bytes(n: float) -> str:
@@ -187,6 +193,7 @@ def validate(cfg: Config) -> None:
     _check(s.retry_after_s >= 0, "server.retry_after_s", "must be >= 0")
     _check(s.status_interval_s >= 0, "server.status_interval_s", "must be >= 0")
     _check(s.num_nodes >= 1, "server.num_nodes", f"must be >= 1, got {s.num_nodes}")
+    _check(s.generators_per_device >= 1, "server.generators_per_device", f"must be >= 1, got {s.generators_per_device}")
     _check(0 <= s.node_rank < s.num_nodes, "server.node_rank",
            f"must be in 0..server.num_nodes-1 = 0..{s.num_nodes - 1}, got {s.node_rank}")
 

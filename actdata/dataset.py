@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover - a torch that moved it
     _BaseDatasetFetcher = None
 
 from . import wire
-from .client import ActivationClient, RetryPolicy, TensorReader, resolve_api_key, resolve_url
+from .client import ActivationClient, ProvenanceBatch, RetryPolicy, TensorReader, resolve_api_key, resolve_url
 
 log = logging.getLogger("actdata.dataset")
 DEFAULT_RCVBUF = None  # kernel autotuning: a 16 MiB SO_RCVBUF measured no better on loopback
@@ -154,6 +154,13 @@ class _Source:
             self._read_into(out[a:a + self.max_rows])
         return out
 
+    def read_provenance(self, n: int) -> ProvenanceBatch:
+        """n rows with their provenance, over HTTP (one safetensors body per request of at most max_rows)."""
+        parts = [self.http.fetch_provenance(min(self.max_rows, n - a)) for a in range(0, n, self.max_rows)]
+        if len(parts) == 1:
+            return parts[0]
+        return ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+
     def _read_into(self, out: torch.Tensor) -> None:
         if self.local is not None:
             from .local import SameHostGone
@@ -214,6 +221,11 @@ class _Stream:
         self.open()
         source = self.sources[self.batches % len(self.sources)]
         convert = self.ds.dtype is not None and self.ds.dtype != source.dtype
+        if self.ds.provenance:
+            b = source.read_provenance(n)
+            self.rows += n
+            self.batches += 1
+            return b._replace(activations=b.activations.to(self.ds.dtype)) if convert else b
         empty = shared_empty if self.in_worker and not convert else torch.empty
         x = source.read(n, empty)
         if convert:
@@ -268,18 +280,22 @@ class RemoteActivationDataset(IterableDataset):
     max_samples, dtype (None = as served; else converted on the client), api_key (else $ACTDATA_API_KEY), timeout (seconds per
     socket operation), retry_for_s (seconds of retrying before an error), rcvbuf (SO_RCVBUF bytes; None =
     kernel autotuning), rank / world_size (None = from torch.distributed or $RANK / $WORLD_SIZE), local
-    (False = HTTP even on the server's host). The last batch of a shard is smaller when `max_samples` does
-    not divide evenly.
+    (False = HTTP even on the server's host), provenance (True = each batch is a `ProvenanceBatch`
+    (activations, token_ids, positions, doc_ids), read over HTTP; the server needs
+    generator.provenance=true). The last batch of a shard is smaller when `max_samples` does not divide
+    evenly.
     """
 
     def __init__(self, url_or_urls: Union[None, str, Sequence[str]] = None, batch_size: Optional[int] = None,
                  max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry_for_s: float = 120.0, rcvbuf: Optional[int] = DEFAULT_RCVBUF,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, local: bool = True):
+                 rank: Optional[int] = None, world_size: Optional[int] = None, local: bool = True,
+                 provenance: bool = False):
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        self.provenance = bool(provenance)
         for name, v in (("max_batches", max_batches), ("max_samples", max_samples)):
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {v}")

@@ -10,6 +10,14 @@ emptied, so two models never sit on the device at once. A CUDA error that leaves
 unusable (device-side assert, illegal memory access: see placement.poisons_context) is not retried in
 this process: the worker process exits with POISONED_EXIT and LitServe (restart_workers) starts a fresh
 one, whose Status carries the restart count and the error on.
+
+Numbering, state and statistics. The generator is g of G (g = node_rank * local generators + local
+index, G = num_nodes * local generators): it reads only its share of the corpus (actdata.text) and its
+context ids are (g << 40) | counter. With a `generator.state_dir` it resumes from its saved state
+(actdata.position) and saves the position after each batch BEFORE committing the batch to the buffer.
+With `generator.statistics` it folds every batch it writes (the rows as written, buffer.dtype, reduced in
+float64) into a RunningStats, published every few seconds beside the buffer
+(`<buffer>.stats-<name>.safetensors`, merged by GET /statistics) and saved with the state.
 """
 from __future__ import annotations
 
@@ -38,15 +46,113 @@ POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure
 Batch = tuple[torch.Tensor, np.ndarray, dict]
 
 
-def make_source(cfg: Config, spec: BufferSpec, device: str, index: int) -> Iterable[Batch]:
+def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: int = 1,
+                start: Optional[dict] = None) -> Iterable[Batch]:
+    """The source of generator `index` (g) of `count` (G), continuing from a saved state `start` if given."""
     if cfg.generator.source == "synthetic":
         from .synthetic import SyntheticSource
 
-        return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype], first_id=index << 40,
-                               rows_per_second=cfg.generator.rows_per_second)
+        first = (start or {}).get("next_id")
+        return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype],
+                               first_id=int(first) if first is not None else index << 40,
+                               rows_per_second=cfg.generator.rows_per_second, provenance=cfg.generator.provenance)
     from .pipeline import ModelSource
 
-    return ModelSource(cfg, device, index)
+    return ModelSource(cfg, device, index, count=count, start=start)
+
+
+def statistics_enabled(cfg: Config) -> bool:
+    """generator.statistics, where null means: on for the model source, off for the synthetic one."""
+    s = cfg.generator.statistics
+    return cfg.generator.source == "model" if s is None else bool(s)
+
+
+def stats_path(spec: BufferSpec, name: str) -> str:
+    return f"{spec.path}.stats-{name}.safetensors"
+
+
+def read_statistics(spec: BufferSpec) -> list[tuple[str, "RunningStats"]]:
+    """(generator name, RunningStats) of every generator of this buffer that published statistics."""
+    from safetensors.torch import load_file
+
+    from .stats import RunningStats
+
+    out = []
+    prefix = f"{spec.path}.stats-"
+    for path in sorted(glob.glob(f"{glob.escape(prefix)}*.safetensors")):
+        try:
+            out.append((path[len(prefix):-len(".safetensors")], RunningStats.from_tensors(load_file(path))))
+        except Exception:  # noqa: BLE001 - being replaced right now, or torn by a crash: skip it
+            continue
+    return out
+
+
+RESERVE_IDS = 1 << 16  # synthetic ids saved ahead of use (a restart skips at most this many)
+
+
+class Progress:
+    """Numbering, saved state and running statistics of one generator (see the module docstring)."""
+
+    def __init__(self, cfg: Config, spec: BufferSpec, name: str, index: int, count: int):
+        from .position import GeneratorState
+        from .stats import RunningStats
+
+        self.g, self.G, self.spec, self.name = index, count, spec, name
+        self.state = GeneratorState.for_config(cfg, index, count)
+        self.saved = (self.state.load() if self.state else None) or {}
+        self.totals = {k: int(self.saved.get(k, 0)) for k in ("contexts", "tokens", "rows")}
+        self.stats = None
+        if statistics_enabled(cfg):
+            self.stats = (self.state.load_stats(spec.sample_shape) if self.state else None) or RunningStats(spec.sample_shape)
+        self._published = 0.0
+        self.publish_stats(force=True)
+
+    def start(self) -> dict:
+        """The state a (re)started source continues from: the latest saved (kept in memory too)."""
+        return self.saved
+
+    def before_commit(self, rows: torch.Tensor, info: dict) -> None:
+        """Called with each batch before it is written: save the position after it, fold it into the statistics."""
+        for k, n in (("contexts", info.get("contexts", 0)), ("tokens", info.get("tokens", 0)), ("rows", len(rows))):
+            self.totals[k] += int(n)
+        if "next_id" in info and self.state and info["next_id"] <= self.saved.get("next_id", -1):
+            pass  # synthetic: ids up to the reserved one are already covered by the saved state
+        else:
+            self.saved = {k: info[k] for k in ("position", "next_context", "next_id") if k in info}
+            if "next_id" in info:  # reserve ids ahead: a restart skips them instead of saving every batch
+                self.saved["next_id"] = int(info["next_id"]) + RESERVE_IDS
+            self.saved.update(self.totals)
+            if self.state:
+                self.state.save(**self.saved)
+        if self.stats is not None:
+            self.stats.update(rows)
+            self.publish_stats()
+
+    def waiting(self, status: "Status"):
+        """What to do while the buffer is full: publish the status and the statistics."""
+        def on_wait():
+            status.update()
+            self.publish_stats()
+        return on_wait
+
+    def publish_stats(self, force: bool = False) -> None:
+        from .position import STATS_EVERY_S, write_stats
+
+        if self.stats is None or not (force or time.monotonic() - self._published >= min(2.0, STATS_EVERY_S)):
+            return
+        self._published = time.monotonic()
+        write_stats(stats_path(self.spec, self.name), self.stats)
+        if self.state:
+            self.state.save_stats(self.stats, force=force)
+
+    def position(self) -> dict:
+        """For /stats: where this generator is (pass, documents, offset or next_id; totals done)."""
+        pos = dict(self.saved.get("position") or {})
+        if "next_id" in self.saved:
+            pos["next_id"] = self.saved["next_id"]
+        return {"g": self.g, "G": self.G, **pos, "contexts_done": self.totals["contexts"],
+                "tokens_done": self.totals["tokens"], "rows_done": self.totals["rows"],
+                "state_file": self.state.path if self.state else None}
 
 
 def release_source(source) -> None:
@@ -128,12 +234,16 @@ class Status:
 
 
 def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop: threading.Event,
-                   startup_attempts: int = 3, max_backoff_s: float = 30.0, on_poisoned=exit_process) -> None:
-    """Generate into the buffer until `stop` is set, restarting the source on failure."""
+                   startup_attempts: int = 3, max_backoff_s: float = 30.0, count: int = 1,
+                   on_poisoned=exit_process) -> None:
+    """Generate into the buffer until `stop` is set, restarting the source on failure. `index` is this
+    generator's global number g of `count` = G."""
     from .placement import poisons_context
 
     name = f"{device.replace(':', '')}-w{index}"  # stable across restarts of the worker process
     status = Status(spec, name, device, cfg.generator.source)
+    progress = Progress(cfg, spec, name, index, count)
+    status.update(force=True, position=progress.position())
     buffer = SharedActivationBuffer.attach(spec)
     buffer.populate_in_background(stop)  # map the rows ahead of this writer while the model loads
     failures_before_output, backoff = 0, 1.0
@@ -143,10 +253,11 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
             produced = 0
             try:
                 status.update(force=True, state="loading")
-                source = make_source(cfg, spec, device, index)
+                source = make_source(cfg, spec, device, index, count, progress.start())
                 status.update(force=True, state="running")
                 for rows, origin, info in source:
-                    n = buffer.write(rows, origin, stop, on_wait=status.update)
+                    progress.before_commit(rows, info)
+                    n = buffer.write(rows, origin, stop, on_wait=progress.waiting(status), provenance=info.get("provenance"))
                     produced += n
                     buffer.note_contexts(info.get("contexts", 0))
                     status.update(force=produced == n,  # publish the first batch at once
@@ -154,7 +265,8 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                                   contexts=status.d["contexts"] + info.get("contexts", 0),
                                   tokens=status.d["tokens"] + info.get("tokens", 0),
                                   corpus_passes=info.get("corpus_passes", status.d["corpus_passes"]),
-                                  rows_overflowed=status.d["rows_overflowed"] + info.get("rows_overflowed", 0))
+                                  rows_overflowed=status.d["rows_overflowed"] + info.get("rows_overflowed", 0),
+                                  position=progress.position())
                     if stop.is_set():
                         break
                 else:
@@ -182,4 +294,8 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                 stop.wait(backoff)
         status.update(force=True, state="stopped")
     finally:
+        try:
+            progress.publish_stats(force=True)
+        except Exception as e:  # noqa: BLE001 - stopping must not fail on a full disk
+            log.warning("generator %s: could not save its statistics: %s", name, e)
         buffer.close()

@@ -57,9 +57,15 @@ class ModelSource:
     """Endless (rows, origin, info) items from a model over a text corpus on one device.
 
     rows: CPU tensor [k, *sample_shape] in buffer.dtype; valid until the next item is requested.
-    origin: int64 [k], the context each row comes from: (index << 40) | context counter.
-    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so
-    far, "rows_overflowed": rows dropped because they overflowed a float16 buffer}.
+    origin: int64 [k], the context each row comes from: (g << 40) | context counter, unique across generators.
+    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so far,
+           "rows_overflowed": rows dropped because they overflowed a float16 buffer,
+           "position": the corpus position right after this item (actdata.text), "next_context": the context
+           counter after it, and with generator.provenance "provenance": {"token_ids": int32 [k] (the token at
+           the row's position), "positions": int32 [k] (0 = BOS), "doc_ids": int64 [k] (= origin)}}.
+    `index` is the generator's global number g of `count` = G: it reads only its share of the corpus
+    (actdata.text); `count=None` reads the whole corpus (index then only numbers the context ids). `start` = a
+    saved state {"position", "next_context"} to continue from.
     The model and tokenizer load in the constructor (only the blocks up to the last captured one); iterating
     starts the pipeline threads (CUDA, or `threaded=True`). `close()` frees the model.
     """
@@ -69,11 +75,14 @@ class ModelSource:
     JOIN_S = 1.0  # closing the iterator waits at most this long for the pipeline threads
     POLL_S = 0.05  # every wait of a pipeline thread re-checks `stop` this often
 
-    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True,
-                 threaded: Optional[bool] = None):
+    def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True, count: Optional[int] = None,
+                 start: Optional[dict] = None, threaded: Optional[bool] = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # keep the cores for the forward
         g = cfg.generator
-        self.cfg, self.index, self.loop = cfg, index, loop
+        self.cfg, self.index, self.loop, self.count = cfg, index, loop, count
+        self.start_position = (start or {}).get("position")
+        self.provenance = bool(g.provenance)
+        torch.manual_seed((g.seed * 1_000_003 + index) % (1 << 63))  # the generator's randomness, if any
         # the current device of this thread before anything touches CUDA (no context on GPU 0 by accident)
         self.device = bind(device if cfg.model.device in ("auto", "", None) else cfg.model.device)
         self.threaded = self.device.type == "cuda" if threaded is None else bool(threaded)
@@ -102,7 +111,7 @@ class ModelSource:
         # a float16 buffer fed by a wider dtype overflows above 65504: such rows are dropped and counted
         self.check_overflow = self.dtype == torch.float16 and self.model_dtype != "float16"
         self.max_rows = max_rows(cfg)
-        self.contexts = 0
+        self.contexts = int((start or {}).get("next_context", 0))
         self.pipeline: dict = {}  # the last threaded pipeline: threads, staging buffers (for tests, stats)
         kept = "all" if n_blocks is None else f"{n_blocks} of {hf_config.num_hidden_layers}"
         log.info("model %s on %s (%s) loaded in %.1f s, %s blocks; rows %s %s from %d sites", cfg.model.name,
@@ -114,7 +123,8 @@ class ModelSource:
         from .text import TokenBlocks
 
         g = self.cfg.generator
-        return TokenBlocks(self.cfg.dataset, self.tokenizer, g.context_length, g.batch_size, loop=self.loop)
+        return TokenBlocks(self.cfg.dataset, self.tokenizer, g.context_length, g.batch_size, loop=self.loop,
+                           g=self.index if self.count else 0, G=self.count or 1, start=self.start_position)
 
     def keep(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         g = self.cfg.generator
@@ -130,12 +140,16 @@ class ModelSource:
             ctx = (self.index << 40) | (self.contexts + np.arange(n, dtype=np.int64))
             self.contexts += n
             origin = ctx[(flat // T).numpy()]
+            info = {"contexts": n, "tokens": int(b.attention_mask.sum()), "corpus_passes": b.corpus_passes,
+                    "position": b.position, "next_context": self.contexts}
+            if self.provenance:
+                info["provenance"] = {"token_ids": b.input_ids.view(-1)[flat].numpy().astype(np.int32),
+                                      "positions": (flat % T).numpy().astype(np.int32), "doc_ids": origin}
             mask = None if bool(b.attention_mask.all()) else b.attention_mask  # None: plain causal attention
             tensors = [b.input_ids, mask, flat]
             if pin:
                 tensors = [t.pin_memory() if t is not None else None for t in tensors]
-            tokens = int(b.attention_mask.sum())
-            yield (*tensors, origin, {"contexts": n, "tokens": tokens, "corpus_passes": b.corpus_passes})
+            yield (*tensors, origin, info)
 
     # Stage 2 (thread): forward -> filter on the device -> kept rows to the host.
     def _forward(self, item, staging: Optional[torch.Tensor]):
@@ -188,6 +202,8 @@ class ModelSource:
     def _finish(self, rows: torch.Tensor, origin: np.ndarray, info: dict, kept: Optional[np.ndarray] = None):
         if kept is not None:  # rows were filtered on the device; filter what belongs to them the same way
             origin = origin[kept]
+            if "provenance" in info:
+                info = {**info, "provenance": {k: v[kept] for k, v in info["provenance"].items()}}
         return rows.reshape(len(rows), *self.plan.shape), origin, info
 
     def __iter__(self):

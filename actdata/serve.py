@@ -108,6 +108,9 @@ def serve(cfg: Config) -> None:
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
+    from .position import check_state_dir
+
+    state = check_state_dir(cfg)  # a one-line config error before anything is allocated
     shape = sample_shape(cfg)
     b = cfg.buffer
     backing = b.path or SHM_DIR
@@ -123,7 +126,9 @@ def serve(cfg: Config) -> None:
             log.warning("reclaimed %s left by a run that was killed", name)
 
     buffer = SharedActivationBuffer.create(b.size, shape, b.dtype, min_fill=b.min_fill, max_reads=b.max_reads,
-                                           path=b.path, prefix=b.prefix)
+                                           path=b.path, prefix=b.prefix, provenance=cfg.generator.provenance)
+    if state:
+        log.info("generator state (corpus positions, statistics) in %s", state)
     stop = threading.Event()
     try:
         from .metrics import ServingMetrics

@@ -8,7 +8,9 @@
   crosses a process boundary, is never pickled, JSON-encoded or gzipped on the tensor route.
 
 Routes: GET / (health), GET /stats, GET /activations (JSON), GET /activations/tensor (raw bytes, see
-actdata.wire), POST /refresh, GET /metrics (Prometheus).
+actdata.wire; with `provenance=1` a safetensors body of rows + provenance), GET /statistics (running
+statistics of the rows generated, merged over generators; JSON or `format=safetensors`), POST /refresh,
+GET /metrics (Prometheus).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from . import __version__, wire
 from .buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity
 from .config import Config
-from .generator import read_statuses, run_supervised
+from .generator import read_statistics, read_statuses, run_supervised, statistics_enabled
 from .metrics import MetricsMiddleware, ServingMetrics
 from .metrics import render as render_metrics
 
@@ -42,9 +44,9 @@ log = logging.getLogger("actdata.server")
 class GeneratorWorker(ls.LitAPI):
     """LitServe's device worker, used for what needs a device: it runs one generator."""
 
-    def __init__(self, cfg: Config, spec: BufferSpec):
+    def __init__(self, cfg: Config, spec: BufferSpec, local_generators: int = 1):
         super().__init__(api_path="/generator")
-        self.cfg, self.buffer_spec = cfg, spec
+        self.cfg, self.buffer_spec, self.local_generators = cfg, spec, local_generators
 
     def setup(self, device: str) -> None:
         from .logs import setup_logging, die_with_parent
@@ -52,7 +54,9 @@ class GeneratorWorker(ls.LitAPI):
         die_with_parent()
         setup_logging(self.cfg.log_level, self.cfg.server.log_file)
         self._stop = threading.Event()
-        index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        local = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        s = self.cfg.server  # the global numbering: generator g of G across every node
+        index, count = s.node_rank * self.local_generators + local, s.num_nodes * self.local_generators
         device = str(device)
         if self.cfg.model.device not in ("auto", "", None):
             device = self.cfg.model.device  # config validation allows this only with server.devices=1
@@ -62,7 +66,7 @@ class GeneratorWorker(ls.LitAPI):
         def generate():  # the current device is per thread: bind the generator's thread too
             if device.startswith("cuda"):
                 torch.cuda.set_device(device)
-            run_supervised(self.cfg, self.buffer_spec, device, index, self._stop)
+            run_supervised(self.cfg, self.buffer_spec, device, index, self._stop, count=count)
 
         self._thread = threading.Thread(target=generate, name="actdata-generator", daemon=True)
         self._thread.start()
@@ -74,7 +78,8 @@ class GeneratorWorker(ls.LitAPI):
 
         signal.signal(signal.SIGTERM, _exit)
         signal.signal(signal.SIGINT, _exit)
-        log.info("generator worker %d started on %s (pid %d)", index, device, os.getpid())
+        log.info("generator worker %d (generator %d of %d) started on %s (pid %d)", local, index, count, device,
+                 os.getpid())
 
     def predict(self, x):  # LitAPI's request path is unused: the data plane reads the buffer directly
         raise NotImplementedError
@@ -170,10 +175,40 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
                         "same_host": same_host}  # actdata.local: the buffer file a reader on this host may open
         return st
 
-    @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype)",
+    prov_pool = _ResponseTensors((), torch.uint8)  # safetensors bodies (rows + provenance)
+    no_provenance = ("provenance: this server keeps no provenance; start it with generator.provenance=true "
+                     "to ask for provenance=1")
+
+    def provenance_body(k: int):
+        """A safetensors body for k rows + provenance, filled in place (see wire.tensors_layout)."""
+        specs = [(n, t, (k,)) for n, t in wire.PROVENANCE.items()] + [("activations", buffer.data.dtype,
+                                                                        (k, *spec.sample_shape))]
+        prefix, offsets, total = wire.tensors_layout(specs, {"dtype": spec.dtype})
+        body = prov_pool.get(total)[:total]
+        body[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+        views = wire.tensor_views(body, specs, offsets)
+        rows = views.pop("activations")
+        buffer.read_provenance(k, out=rows, prov_out=views)
+        return body
+
+    @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype); "
+             "with provenance=1 a safetensors body: activations, token_ids, positions, doc_ids",
              response_class=Response,
-             responses={200: {"content": {wire.MEDIA_TYPE: {}}}, **_BAD_INPUT, **_NOT_READY})
-    async def activations_tensor(num_samples: int = NumSamples):
+             responses={200: {"content": {wire.MEDIA_TYPE: {}, wire.SAFETENSORS_MEDIA_TYPE: {}}},
+                        **_BAD_INPUT, **_NOT_READY})
+    async def activations_tensor(num_samples: int = NumSamples,
+                                 provenance: bool = Query(False, description="1 = rows + provenance as safetensors")):
+        if provenance:
+            if not spec.provenance:
+                return _error(422, no_provenance)
+            try:
+                body = provenance_body(num_samples)
+            except NotReady as e:
+                return not_ready(e)
+            view = body.numpy().data
+            prov_pool.lend(body, view)
+            return Response(content=view, media_type=wire.SAFETENSORS_MEDIA_TYPE,
+                            headers={wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"})
         out = pool.get(num_samples)
         try:
             _, rows = buffer.read(num_samples, out=out)
@@ -186,12 +221,36 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)",
              responses={**_BAD_INPUT, **_NOT_READY})
     def activations_json(num_samples: int = NumSamples):
+        prov = None
         try:
-            ids, rows = buffer.read(num_samples)
+            if spec.provenance:
+                ids, rows, prov = buffer.read_provenance(num_samples)
+            else:
+                ids, rows = buffer.read(num_samples)
         except NotReady as e:
             return not_ready(e)
-        return {"activations": rows.float().tolist(), "shape": list(rows.shape), "dtype": spec.dtype,
-                "num_samples": len(ids), "indices": ids.tolist(), "buffer_stats": buffer.stats()}
+        out = {"activations": rows.float().tolist(), "shape": list(rows.shape), "dtype": spec.dtype,
+               "num_samples": len(ids), "indices": ids.tolist(), "buffer_stats": buffer.stats()}
+        if prov is not None:  # generator.provenance=true: token id, position and context id of each row
+            out.update({k: prov[k].tolist() for k in ("token_ids", "positions", "doc_ids")})
+        return out
+
+    @app.get("/statistics", summary="Running statistics of every row generated, per capture point, merged over "
+             "generators (JSON summary; format=safetensors for the per-dimension tensors)",
+             responses={200: {"content": {wire.SAFETENSORS_MEDIA_TYPE: {}}}, **_BAD_INPUT})
+    def statistics(format: str = Query("json", pattern="^(json|safetensors)$",
+                                       description="json (summary) or safetensors (full tensors)")):
+        from .stats import RunningStats, merged
+
+        per = read_statistics(spec)
+        total = merged([st for _, st in per]) or RunningStats(spec.sample_shape)
+        if format == "safetensors":
+            meta = {"sample_shape": ",".join(map(str, total.sample_shape)), "generators": str(len(per)),
+                    "enabled": str(statistics_enabled(cfg)).lower()}
+            return Response(content=wire.encode_tensors(total.tensors(), meta), media_type=wire.SAFETENSORS_MEDIA_TYPE,
+                            headers={wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"})
+        return {**total.summary(), "enabled": statistics_enabled(cfg), "dtype": spec.dtype,
+                "generators": [{"name": name, "count": st.count} for name, st in per]}
 
     @app.post("/refresh", summary="Drop every ready row so that it is regenerated")
     def refresh():
@@ -235,9 +294,11 @@ class _Guard:
 def build_server(cfg: Config, buffer: SharedActivationBuffer, metrics: ServingMetrics,
                  api_key: Optional[str] = None) -> ls.LitServer:
     """A LitServer with one generator worker per device and the data-plane routes."""
-    server = ls.LitServer(GeneratorWorker(cfg, buffer.spec), accelerator=cfg.server.accelerator,
-                          devices=cfg.server.devices, workers_per_device=1, timeout=30, track_requests=False,
+    worker = GeneratorWorker(cfg, buffer.spec)
+    server = ls.LitServer(worker, accelerator=cfg.server.accelerator, devices=cfg.server.devices,
+                          workers_per_device=cfg.server.generators_per_device, timeout=30, track_requests=False,
                           restart_workers=True)  # a killed generator worker is started again
+    worker.local_generators = len(server.devices) * cfg.server.generators_per_device  # before the workers spawn
     server.uvicorn_graceful_timeout = 2  # keep-alive clients must not hold a shutdown for 30 s
     app = server.app
     # LitServe gzips every response when no API streams; tensor bytes do not compress and JSON is

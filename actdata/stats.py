@@ -42,10 +42,9 @@ class RunningStats:
         if k == 0:
             return
         x = rows.reshape(k, self.points, self.width).to(torch.float64)
-        mean = x.mean(dim=0)
-        m2 = ((x - mean) ** 2).sum(dim=0)
-        sq = (x * x).sum(dim=-1)  # [k, P]
-        self._fold(k, mean.numpy(), m2.numpy(), sq.sum(dim=0).numpy(), sq.sqrt().sum(dim=0).numpy())
+        var, mean = torch.var_mean(x, dim=0, correction=0)  # one fused pass (half the time of mean, then m2)
+        norm = torch.linalg.vector_norm(x, dim=-1)  # [k, P]
+        self._fold(k, mean.numpy(), (var * k).numpy(), (norm * norm).sum(dim=0).numpy(), norm.sum(dim=0).numpy())
 
     def merge(self, other: "RunningStats") -> "RunningStats":
         """Fold another generator's statistics into these (in place); returns self."""
@@ -87,11 +86,30 @@ class RunningStats:
 
     def summary(self) -> dict:
         """Small JSON-able view: count, and per point the mean squared norm, mean norm, scaling factor and
-        the mean over dimensions of the per-dimension mean and variance."""
+        the mean over dimensions of the per-dimension mean and variance (None where undefined)."""
+        def js(a):
+            return [None if not math.isfinite(v) else v for v in np.asarray(a, np.float64).tolist()]
+
         return {"count": self.count, "sample_shape": list(self.sample_shape), "points": self.points,
-                "width": self.width, "mean_sq_norm": self.mean_sq_norm.tolist(),
-                "mean_norm": self.mean_norm.tolist(), "scaling_factor": self.scaling_factor().tolist(),
-                "mean_of_mean": self.mean.mean(axis=1).tolist(), "mean_of_var": self.var.mean(axis=1).tolist()}
+                "width": self.width, "mean_sq_norm": js(self.mean_sq_norm),
+                "mean_norm": js(self.mean_norm), "scaling_factor": js(self.scaling_factor()),
+                "mean_of_mean": js(self.mean.mean(axis=1)), "mean_of_var": js(self.var.mean(axis=1))}
+
+    def tensors(self) -> dict:
+        """Everything, as float64 tensors (count as int64 [1]): the state (mean, m2, sq_norm_sum, norm_sum)
+        and the derived var [P, width], mean_sq_norm, mean_norm, scaling_factor [P]. For a safetensors file."""
+        f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+        return {"count": torch.tensor([self.count], dtype=torch.int64),
+                "sample_shape": torch.tensor(self.sample_shape, dtype=torch.int64),
+                "mean": f(self.mean), "m2": f(self.m2), "var": f(self.var), "sq_norm_sum": f(self.sq_norm_sum),
+                "norm_sum": f(self.norm_sum), "mean_sq_norm": f(self.mean_sq_norm), "mean_norm": f(self.mean_norm),
+                "scaling_factor": f(self.scaling_factor())}
+
+    @classmethod
+    def from_tensors(cls, t: dict) -> "RunningStats":
+        """Statistics from `tensors()` output (the derived entries are ignored)."""
+        return cls(tuple(int(x) for x in t["sample_shape"].tolist()), int(t["count"][0]), t["mean"].numpy(),
+                   t["m2"].numpy(), t["sq_norm_sum"].numpy(), t["norm_sum"].numpy())
 
     # -- persistence --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -61,12 +61,16 @@ def verify_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SyntheticSource:
-    """An endless stream of self-checking rows: batches of `batch_rows`, optionally throttled."""
+    """An endless stream of self-checking rows: batches of `batch_rows`, optionally throttled.
+
+    Generator g starts at id g << 40 (or at a saved `first_id`), so ids never repeat across generators or
+    restarts. info: {"contexts", "tokens": 0, "next_id": the id after this batch, and with `provenance`
+    "provenance": {"doc_ids": the row id, "positions": id % CONTEXT_ROWS, "token_ids": 0}}."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, first_id: int = 0, batch_rows: int = 256,
-                 rows_per_second: Optional[float] = None):
+                 rows_per_second: Optional[float] = None, provenance: bool = False):
         self.shape, self.dtype, self.next_id = tuple(shape), dtype, int(first_id)
-        self.batch_rows, self.rows_per_second = batch_rows, rows_per_second
+        self.batch_rows, self.rows_per_second, self.provenance = batch_rows, rows_per_second, provenance
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         t0, produced = time.perf_counter(), 0
@@ -80,4 +84,9 @@ class SyntheticSource:
                 ahead = produced / self.rows_per_second - (time.perf_counter() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
-            yield rows, origin, {"contexts": self.batch_rows // CONTEXT_ROWS, "tokens": 0}
+            info = {"contexts": self.batch_rows // CONTEXT_ROWS, "tokens": 0, "next_id": self.next_id}
+            if self.provenance:
+                n = ids.numpy()
+                info["provenance"] = {"doc_ids": n, "positions": (n % CONTEXT_ROWS).astype(np.int32),
+                                      "token_ids": np.zeros(len(n), np.int32)}
+            yield rows, origin, info

@@ -81,3 +81,96 @@ def decode(body: bytes | bytearray | memoryview, headers: Mapping[str, str]) -> 
     if isinstance(body, bytes):
         body = bytearray(body)
     return torch.frombuffer(body, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+# -- several tensors in one body: safetensors ------------------------------------------------------------
+# A response that carries more than one tensor (rows + provenance, statistics) is a safetensors file:
+#   8 bytes   little-endian uint64 N = header length
+#   N bytes   JSON {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
+#             padded with spaces so that the data starts 8-byte aligned
+#   data      the tensors' raw little-endian bytes, back to back, offsets relative to the data start
+# Any client reads it with `safetensors.torch.load(body)`; `decode_tensors` reads it without a copy.
+# `tensors_layout` lays tensors out in the order given: put 8-byte types first so that every tensor
+# starts aligned to its item size (the server writes rows straight into their place in the body).
+
+PROVENANCE_QUERY = "provenance"  # GET /activations/tensor?num_samples=N&provenance=1
+TENSORS_FORMAT = "X-Tensor-Format"  # "safetensors" on a multi-tensor body
+SAFETENSORS_MEDIA_TYPE = "application/vnd.safetensors"
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
+# The provenance arrays, in body order (before "activations", which comes last): name -> dtype.
+PROVENANCE = {"doc_ids": torch.int64, "token_ids": torch.int32, "positions": torch.int32}
+
+
+def tensors_layout(specs: list[tuple[str, torch.dtype, tuple]], metadata: Mapping[str, str] | None = None
+                   ) -> tuple[bytes, dict[str, tuple[int, int]], int]:
+    """(prefix = length + padded JSON header, {name: (begin, end) byte offsets in the whole body}, total
+    body bytes) for tensors (name, dtype, shape) laid out in the given order."""
+    import json
+
+    header, off, offsets = {}, 0, {}
+    for name, dtype, shape in specs:
+        if dtype not in ST_DTYPES:
+            raise WireError(f"dtype {dtype} has no safetensors name")
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
+        offsets[name] = (off, off + n)
+        off += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    prefix = len(text).to_bytes(8, "little") + text
+    start = len(prefix)
+    return prefix, {k: (start + a, start + b) for k, (a, b) in offsets.items()}, start + off
+
+
+def tensor_views(body: torch.Tensor, specs: list[tuple[str, torch.dtype, tuple]],
+                 offsets: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Tensors that are views into a uint8 body tensor at the layout's offsets (to fill in place)."""
+    return {name: body[offsets[name][0]:offsets[name][1]].view(dtype).view(*shape) for name, dtype, shape in specs}
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors body holding `tensors` (CPU), in the order given (see tensors_layout)."""
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    prefix, offsets, total = tensors_layout(specs, metadata)
+    body = torch.empty(total, dtype=torch.uint8)
+    body[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+    for (name, _, _), view in zip(specs, tensor_views(body, specs, offsets).values()):
+        view.copy_(tensors[name])
+    return body.numpy().tobytes()
+
+
+def decode_tensors(body: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({name: tensor}, metadata) from a safetensors body; tensors share memory with a writable body."""
+    import json
+
+    if len(body) < 8:
+        raise WireError("safetensors body shorter than its 8-byte header length")
+    n = int.from_bytes(bytes(body[:8]), "little")
+    if 8 + n > len(body):
+        raise WireError(f"safetensors header of {n} bytes exceeds the body ({len(body)} bytes)")
+    try:
+        header = json.loads(bytes(body[8:8 + n]))
+    except ValueError as e:
+        raise WireError(f"bad safetensors header: {e}") from None
+    if isinstance(body, bytes):
+        body = bytearray(body)
+    raw = torch.frombuffer(body, dtype=torch.uint8) if len(body) else torch.empty(0, dtype=torch.uint8)
+    metadata = header.pop("__metadata__", None) or {}
+    out = {}
+    for name, h in header.items():
+        if h.get("dtype") not in ST_TORCH:
+            raise WireError(f"tensor {name!r}: unknown safetensors dtype {h.get('dtype')!r}")
+        a, b = (8 + n + int(x) for x in h["data_offsets"])
+        dtype, shape = ST_TORCH[h["dtype"]], tuple(int(s) for s in h["shape"])
+        if b > len(body) or b - a != math.prod(shape) * dtype.itemsize:
+            raise WireError(f"tensor {name!r}: offsets {h['data_offsets']} do not fit its shape or the body")
+        part = raw[a:b]
+        if a % dtype.itemsize:  # not aligned for a view: copy
+            part = part.clone()
+        out[name] = part.view(dtype).view(*shape) if b > a else torch.empty(shape, dtype=dtype)
+    return out, metadata

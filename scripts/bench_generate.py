@@ -17,6 +17,8 @@ Same model (the embedded SmolLM2-135M, 30 blocks), same batch and context, one r
   (f)  optional (--filter): the cost of filtering on the rows' device (outlier norms vs the running
        median + float16 overflow check + keeping only the kept rows) as a fraction of the capture
        forward of the same batch (resid_post of block L, float16 buffer); goal <= 5 %
+  (p)  (d0) with generator.provenance and generator.statistics on and a saved position (state file
+       written before each batch), as the server's generator does it; (d0) has all three off
 
 The bare forwards get pre-tokenised blocks (no text work at all); actdata pays for tokenising,
 packing, filtering and the buffer write. Everything is timed in steady state: each runner is warmed up
@@ -94,10 +96,19 @@ class Bare:
 class Actdata:
     """actdata's ModelSource feeding SharedActivationBuffer.write, as the server's generator does."""
 
-    def __init__(self, cfg: Config, batches: int, threaded: bool = False):
+    def __init__(self, cfg: Config, batches: int, threaded: bool = False, origin: bool = False):
         shape = sample_shape(cfg)
         rows = cfg.generator.batch_size * cfg.generator.context_length
-        self.buf = SharedActivationBuffer.create(rows * (batches + 2), shape, cfg.buffer.dtype)
+        self.buf = SharedActivationBuffer.create(rows * (batches + 2), shape, cfg.buffer.dtype,
+                                                 provenance=cfg.generator.provenance)
+        self.progress = None
+        if origin:  # provenance, statistics and the saved position, as actdata.generator keeps them
+            import tempfile
+
+            from actdata.generator import Progress
+
+            cfg.generator.state_dir = tempfile.mkdtemp(prefix="actdata-bench-state-")
+            self.progress = Progress(cfg, self.buf.spec, "bench", 0, 1)
         self.source = ModelSource(cfg, "cpu", 0)
         self.threaded = threaded
         self.items = None if threaded else iter(self.source)  # one steady-state iterator for the whole run
@@ -105,7 +116,9 @@ class Actdata:
 
     def _write(self, item) -> int:
         rows, origin, info = item
-        self.buf.write(rows, origin)
+        if self.progress is not None:
+            self.progress.before_commit(rows, info)
+        self.buf.write(rows, origin, provenance=info.get("provenance"))
         return info["tokens"]
 
     def time(self, batches: int) -> float:
@@ -179,9 +192,10 @@ def main():
     blocks = [b.input_ids for _, b in zip(range(args.batches + 1),
                                           TokenBlocks(cfg.dataset, load_tokenizer(cfg), args.ctx, args.batch))]
 
-    def at(layer, dtype="float32", compile=False):
+    def at(layer, dtype="float32", compile=False, origin=False):
         return Config(model=type(cfg.model)(**{**vars(cfg.model), "dtype": dtype}), dataset=cfg.dataset,
-                      generator=type(g)(**{**vars(g), "layers": [layer], "compile": compile}))
+                      generator=type(g)(**{**vars(g), "layers": [layer], "compile": compile, "provenance": origin,
+                                           "statistics": origin, "state_dir": None}))
 
     L, last = args.layer, n_layers - 1
     runs = {
@@ -196,6 +210,8 @@ def main():
         "d": (f"(d)  actdata -> buffer, resid_post@{L}, generator.compile",
               lambda: Actdata(at(L, compile=True), args.batches)),
         "e": ("(e)  (d) with model.dtype=bfloat16", lambda: Actdata(at(L, "bfloat16", compile=True), args.batches)),
+        "p": (f"(p)  (d0) + provenance, statistics, saved position",
+              lambda: Actdata(at(L, origin=True), args.batches, origin=True)),
         "dt": (f"(dt) (d0) through the 3-thread pipeline (CUDA's)",
                lambda: Actdata(at(L), args.batches, threaded=True)),
     }
@@ -226,7 +242,8 @@ def main():
         return f"{num}/{den} = {m[num] / m[den]:.2f}" + (f" (target >= {target})" if target else "")
 
     notes = {"c": [ratio("c", "a'", 1.0), ratio("c", "a")], "c'": [ratio("c'", "a'"), ratio("c'", "a")], "d0": [ratio("d0", "b'"), ratio("d0", "b")],
-             "d": [ratio("d", "b'", 1.1), ratio("d", "b")], "e": [ratio("e", "b'")], "bh": [ratio("bh", "b'")], "dt": [ratio("dt", "d0")]}
+             "d": [ratio("d", "b'", 1.1), ratio("d", "b")], "e": [ratio("e", "b'")], "bh": [ratio("bh", "b'")], "dt": [ratio("dt", "d0")],
+             "p": [ratio("p", "d0", 0.97)]}
     print(f"\nSmolLM2-135M (embedded), fp32 unless noted, torch threads={args.threads}, batch {args.batch} x "
           f"{args.ctx}, medians of {args.reps} reps x {args.batches} batches (steady state)")
     print(f"1-min load average at the start / end of the timed reps: {load0:.2f} / {load1:.2f} "

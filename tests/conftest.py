@@ -5,7 +5,9 @@ import pytest
 
 from actdata.serve import ServerProcess
 
-SYNTHETIC = ["+preset=test", "generator.source=synthetic"]
+# No test resumes from a state saved by another run (or by the developer) unless it asks to.
+NO_RESUME = "generator.state_dir=null"
+SYNTHETIC = ["+preset=test", "generator.source=synthetic", NO_RESUME]
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -34,7 +36,10 @@ def start_server():
     started = []
 
     def start(*overrides, base=SYNTHETIC, **kw):
-        srv = ServerProcess([*base, *overrides], **kw)
+        args = [*base, *overrides]
+        if not any(a.startswith("generator.state_dir=") for a in args):
+            args.append(NO_RESUME)
+        srv = ServerProcess(args, **kw)
         started.append(srv)
         return srv
 

@@ -23,6 +23,7 @@ def embedded_cfg(**gen) -> Config:
     cfg = Config()
     cfg.generator.source = "model"
     cfg.generator.batch_size, cfg.generator.context_length = 2, 32
+    cfg.generator.state_dir = None  # no saved position from other runs
     for k, v in gen.items():
         setattr(cfg.generator, k, v)
     return cfg

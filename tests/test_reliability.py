@@ -108,13 +108,14 @@ def test_killed_generator_worker_is_restarted_and_rows_keep_flowing(start_server
 def _cfg():
     cfg = Config()
     cfg.generator.source = "synthetic"
+    cfg.generator.state_dir = None  # no saved position from other runs
     return cfg
 
 
 def test_supervisor_restarts_a_failing_source(monkeypatch):
     calls = []
 
-    def flaky(cfg, spec, device, index):
+    def flaky(cfg, spec, device, index, *position):
         calls.append(1)
 
         def gen():
@@ -142,7 +143,7 @@ def test_supervisor_restarts_a_failing_source(monkeypatch):
 def test_supervisor_gives_up_on_a_source_that_never_starts(monkeypatch):
     calls = []
 
-    def broken(cfg, spec, device, index):
+    def broken(cfg, spec, device, index, *position):
         calls.append(1)
         raise FileNotFoundError("no such dataset: /nowhere")
 
