@@ -101,7 +101,7 @@ class Actdata:
         rows = cfg.generator.batch_size * cfg.generator.context_length
         self.buf = SharedActivationBuffer.create(rows * (batches + 2), shape, cfg.buffer.dtype,
                                                  provenance=cfg.generator.provenance)
-        self.progress = None
+        self.progress, self.extra, self.batch_s = None, [], []
         if origin:  # provenance, statistics and the saved position, as actdata.generator keeps them
             import tempfile
 
@@ -117,7 +117,9 @@ class Actdata:
     def _write(self, item) -> int:
         rows, origin, info = item
         if self.progress is not None:
-            self.progress.before_commit(rows, info)
+            t0 = time.perf_counter()
+            self.progress.before_commit(rows, info)  # position saved, statistics updated
+            self.extra.append(time.perf_counter() - t0)
         self.buf.write(rows, origin, provenance=info.get("provenance"))
         return info["tokens"]
 
@@ -132,6 +134,7 @@ class Actdata:
         t0, tokens = time.perf_counter(), 0
         for _ in range(batches):
             tokens += self._write(next(items))
+        self.batch_s.append((time.perf_counter() - t0) / batches)
         rate = tokens / (time.perf_counter() - t0)
         if self.threaded:
             items.close()
@@ -252,6 +255,12 @@ def main():
     for k, (name, _) in runs.items():
         note = "   ".join(n for n in notes.get(k, []) if n)
         print(f"{name:58s} {m[k]:10,.0f}  {min(rates[k]):7,.0f}..{max(rates[k]):<7,.0f}   {note}")
+    if "p" in runners and runners["p"].extra:  # the part of (p)'s time that (d0) does not spend, measured directly
+        r = runners["p"]
+        extra, batch = statistics.median(r.extra), statistics.median(r.batch_s)
+        print(f"(p) extra work per batch (save position + update statistics), measured inside the run: median "
+              f"{extra * 1e3:.1f} ms of a {batch * 1e3:.0f} ms batch = {extra / batch:.1%} "
+              f"(=> ratio {1 - extra / batch:.3f} without the noise of the forward)")
     if args.filter:
         filter_cost(cfg, args.layer, args.reps, args.batches)
 
