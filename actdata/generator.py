@@ -32,6 +32,10 @@ Batch = tuple[torch.Tensor, np.ndarray, dict]
 
 
 def make_source(cfg: Config, spec: BufferSpec, device: str, index: int) -> Iterable[Batch]:
+    if cfg.generator.source == "store":  # replay: no model, no tokenizer (actdata/replay.py)
+        from .replay import make_store_source
+
+        return make_store_source(cfg, index)
     if cfg.generator.source == "synthetic":
         from .synthetic import SyntheticSource
 
@@ -107,6 +111,7 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
     status = Status(spec, name, device, cfg.generator.source)
     buffer = SharedActivationBuffer.attach(spec)
     failures_before_output, backoff = 0, 1.0
+    store = _open_store_writer(cfg, spec, index, status)  # None unless store.write
     try:
         while not stop.is_set():
             produced = 0
@@ -116,6 +121,11 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                 status.update(force=True, state="running")
                 for rows, origin, info in source:
                     n = buffer.write(rows, origin, stop, on_wait=status.update)
+                    if store is not None:  # the same rows, once, to the store (actdata/store.py)
+                        store.put(rows[:n], origin[:n], info.get("provenance"), stop, on_wait=status.update)
+                        status.d["store_writer"] = store.state()
+                    if "store" in info:  # replaying a store: pass, shard, bad shards
+                        status.d["store_replay"] = info["store"]
                     produced += n
                     buffer.note_contexts(info.get("contexts", 0))
                     status.update(force=produced == n,  # publish the first batch at once
@@ -141,4 +151,21 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                 stop.wait(backoff)
         status.update(force=True, state="stopped")
     finally:
+        if store is not None:
+            store.close()
+            status.update(force=True, store_writer=store.state())
         buffer.close()
+
+
+def _open_store_writer(cfg: Config, spec: BufferSpec, index: int, status: Status):
+    if not cfg.store.write:
+        return None
+    from .store import open_writer
+
+    try:
+        return open_writer(cfg, spec.sample_shape, index)
+    except Exception as e:  # the store is an extra: a store that cannot be opened does not stop serving
+        log.error("store %s cannot be written: %s; serving without it", cfg.store.path, e)
+        status.update(force=True, store_writer={"path": cfg.store.path, "state": "stopped: cannot open",
+                                                "error": f"{type(e).__name__}: {e}"})
+        return None
