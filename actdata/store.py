@@ -139,6 +139,19 @@ def describe(cfg: Config, shape: tuple, g: int, G: int) -> dict:
 
 
 # -- writing ------------------------------------------------------------------------------------------------
+def batch_stats(rows: torch.Tensor, shape: tuple) -> RunningStats:
+    """Statistics of one batch of rows, reduced in float32 (mean, centred sum of squares, norms) and
+    returned as float64 RunningStats to be merged: 3-8x cheaper than reducing in float64, which kept the
+    writer thread below the disk's speed."""
+    ref = RunningStats(shape)
+    x = rows.reshape(len(rows), ref.points, ref.width).float()
+    mean = x.mean(dim=0)
+    m2 = (x - mean).square_().sum(dim=0)
+    norms = torch.linalg.vector_norm(x, dim=-1).double()  # [k, P]
+    return RunningStats(shape, len(rows), mean.double().numpy(), m2.double().numpy(),
+                        (norms * norms).sum(dim=0).numpy(), norms.sum(dim=0).numpy())
+
+
 class StoreWriter:
     """Appends rows to shards of generator g in `path` on a background thread; see the module docstring.
 
@@ -227,6 +240,7 @@ class StoreWriter:
 
     # -- writer thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
+        torch.set_num_threads(1)  # this thread only: the statistics' reductions do not contend with the generator
         while True:
             with self._cond:
                 while not self._items and not self._closing:
@@ -305,7 +319,7 @@ class StoreWriter:
                                  np.full(take, -1, np.int64))
             cur["prov"].append(None if prov is None else {n: a[done:done + take] for n, a in prov.items()})
             if cur["stats"] is not None:
-                cur["stats"].update(part.view(take, *self.shape))
+                cur["stats"].merge(batch_stats(part, self.shape))
             cur["rows"] += take
             done += take
             if cur["rows"] == self.shard_rows:
