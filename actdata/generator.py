@@ -122,7 +122,8 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                 for rows, origin, info in source:
                     n = buffer.write(rows, origin, stop, on_wait=status.update)
                     if store is not None:  # the same rows, once, to the store (actdata/store.py)
-                        store.put(rows[:n], origin[:n], info.get("provenance"), stop, on_wait=status.update)
+                        store.put(rows[:n], origin[:n], info.get("provenance"), stop,
+                                  on_wait=lambda: status.update(store_writer=store.state()))
                         status.d["store_writer"] = store.state()
                     if "store" in info:  # replaying a store: pass, shard, bad shards
                         status.d["store_replay"] = info["store"]

@@ -4,9 +4,10 @@
 shard (sorted by name), shuffles its shards per pass with (store.seed, pass), and yields each shard's
 rows in batches straight from a memory map of the file (no copy until the buffer's own write), with
 origin and, when the shard has them, provenance arrays in info["provenance"]. Each shard's CRC-32 is
-checked the first time this process opens it (the data is read once more, from page cache when the
-shard was just read; shards are immutable, so later passes trust it): a shard that fails is logged,
-skipped for good, counted in the status, and none of its rows is served. After `store.passes` passes
+checked by a prefetch thread the first time this process uses it, while the previous shard is served
+(so a cold shard is read from disk ahead of use; shards are immutable, so later passes trust it and only
+hint read-ahead): a shard that fails is logged, skipped for good, counted in the status, and none of its
+rows is served. After `store.passes` passes
 (null = endless) the source idles.
 
 A `datasets.Dataset.save_to_disk` directory (SAELens's activation cache layout: one array column per
@@ -139,34 +140,55 @@ class StoreSource:
             log.warning("replay: generator %d of %d has no shard of %s (%d shards); it idles", g, G, store.path,
                         len(store.shards))
 
+    def _check(self, shard: Shard) -> Optional[str]:
+        """Runs a shard ahead of use (on the prefetch thread): the CRC-32 the first time (which also brings
+        a cold shard into the page cache), a read-ahead hint on later passes. None when it may be served."""
+        if self.blocks is not None:
+            return None
+        if shard.file in self.verified:
+            _, _, local = filesystem(self.store.path)
+            if local:
+                try:
+                    fd = os.open(shard.file, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                    os.close(fd)
+                except OSError:
+                    pass
+            return None
+        t0 = time.perf_counter()
+        err = verify_shard(self.store, shard)
+        self.st["verify_s"] += time.perf_counter() - t0
+        if not err:
+            self.verified.add(shard.file)
+        return err
+
     def _open(self, shard: Shard):
         if self.blocks is not None:
             return self.blocks.read(shard)
-        if shard.file not in self.verified:
-            t0 = time.perf_counter()
-            err = verify_shard(self.store, shard)
-            self.st["verify_s"] += time.perf_counter() - t0
-            if err:
-                raise StoreError(err)
-            self.verified.add(shard.file)
         r = ShardReader(self.store, shard)
         return r.rows, r.origin, r.provenance
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="actdata-replay-prefetch")
         p = 0
         while self.mine and (self.passes is None or p < self.passes):
             p += 1
             self.st["pass"] = p
-            order = np.random.default_rng([self.seed, p, self.g]).permutation(len(self.mine))
-            for i, j in enumerate(order):
-                shard = self.mine[j]
+            order = [self.mine[j] for j in np.random.default_rng([self.seed, p, self.g]).permutation(len(self.mine))]
+            order = [sh for sh in order if sh.file not in self.bad]
+            ahead = pool.submit(self._check, order[0]) if order else None
+            for i, shard in enumerate(order):
                 self.st["shard_in_pass"] = i + 1
-                if shard.file in self.bad:
-                    continue
+                err = ahead.result()
+                ahead = pool.submit(self._check, order[i + 1]) if i + 1 < len(order) else None
                 try:
+                    if err:
+                        raise StoreError(err)
                     rows, origin, prov = self._open(shard)
                 except Exception as e:
-                    self.bad[shard.file] = f"{type(e).__name__}: {e}"
+                    self.bad[shard.file] = f"{type(e).__name__}: {e}" if not isinstance(e, StoreError) else str(e)
                     self.st.update(shards_bad=len(self.bad), bad={os.path.basename(k): v for k, v in self.bad.items()})
                     log.error("replay: shard %s skipped, never served: %s", shard.file, self.bad[shard.file])
                     continue
@@ -178,6 +200,7 @@ class StoreSource:
                     if prov is not None:
                         info["provenance"] = {k: v[a:b] for k, v in prov.items()}
                     yield rows[a:b], origin[a:b], info
+        pool.shutdown(wait=False)
         self.st["state"] = "done" if self.mine else "idle (no shard for this generator)"
         if not self.idle:
             return

@@ -29,6 +29,7 @@ import glob as _glob
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import tempfile
@@ -191,6 +192,10 @@ class StoreWriter:
                    "shard_rows": self.shard_rows, "queued_bytes": 0, "generator_wait_s": 0.0, "waiting": False,
                    "rows_not_stored": 0, "error": None}
         self._write_manifest()
+        self._inflight = 0  # bytes of complete shards not yet published
+        self._publish_q: queue.Queue = queue.Queue(maxsize=2)
+        self._pub = threading.Thread(target=self._publisher, name=f"actdata-store-publish-g{self.g}", daemon=True)
+        self._pub.start()
         self._thread = threading.Thread(target=self._run, name=f"actdata-store-g{self.g}", daemon=True)
         self._thread.start()
 
@@ -253,6 +258,8 @@ class StoreWriter:
                     self._append(*item)
                 else:
                     self.st["rows_not_stored"] += len(item[0])
+                    if self._cur is not None:  # the publisher hit an error meanwhile
+                        self._fail(OSError("writing stopped"))
             except Exception as e:  # disk full, quota, lost bucket: stop writing, keep serving
                 self._fail(e)
             with self._cond:
@@ -264,18 +271,25 @@ class StoreWriter:
                 self._finish()
         except Exception as e:
             self._fail(e)
+        self._publish_q.put(None)
+        self._pub.join()
+        if self._cur is not None:
+            self._fail(OSError("writing stopped"))
         if self.st["state"] == "writing":
             self.st["state"] = "closed"
 
-    def _fail(self, e: Exception) -> None:
-        self.st["error"] = f"{type(e).__name__}: {e}"
-        self.st["state"] = "stopped: write failed"
-        log.error("store %s: writing stopped (%s); the partial shard is removed, serving goes on", self.path,
-                  self.st["error"])
-        self._discard()
+    def _fail(self, e: Exception, cur: Optional[dict] = None) -> None:
+        """Stop writing for good: remove the partial shard (`cur`, or the one being written)."""
+        if not self.st["state"].startswith("stopped"):
+            self.st["error"] = f"{type(e).__name__}: {e}"
+            self.st["state"] = "stopped: write failed"
+            log.error("store %s: writing stopped (%s); the partial shard is removed, serving goes on", self.path,
+                      self.st["error"])
+        if cur is None:
+            cur, self._cur = self._cur, None
+        self._discard(cur)
 
-    def _discard(self) -> None:
-        cur, self._cur = self._cur, None
+    def _discard(self, cur: Optional[dict]) -> None:
         if cur is None:
             return
         self.st["rows_not_stored"] += cur["rows"]
@@ -288,7 +302,7 @@ class StoreWriter:
 
     def _open(self) -> bool:
         shard_bytes = DATA_START + self.shard_rows * (self.row_bytes + 8 + 16)
-        if self.max_bytes is not None and self.st["bytes"] + shard_bytes > self.max_bytes:
+        if self.max_bytes is not None and self.st["bytes"] + self._inflight + shard_bytes > self.max_bytes:
             self.st["state"] = "full (store.max_bytes)"
             log.warning("store %s: %d bytes stored; another shard would pass store.max_bytes=%d: writing stops, "
                         "serving goes on", self.path, self.st["bytes"], self.max_bytes)
@@ -326,34 +340,62 @@ class StoreWriter:
                 self._finish()
 
     def _finish(self) -> None:
+        """Complete the open shard's file and hand it to the publisher (fsync, rename, manifest), so the
+        writer goes on with the next shard while the disk catches up."""
         cur, f = self._cur, self._cur["f"]
+        self._cur = None
         extras = {"origin": np.concatenate(cur["origin"])}
         if all(p is not None for p in cur["prov"]):
             for n in PROVENANCE:
                 extras[n] = np.concatenate([p[n] for p in cur["prov"]])
         crc = cur["crc"]
-        for arr in extras.values():
-            f.write(arr.tobytes())
-            crc = zlib.crc32(arr, crc)
-        f.seek(0)
-        f.write(shard_header(cur["rows"], self.shape, self.dtype, extras))
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        size = os.path.getsize(cur["local_tmp"])
-        final = f"{self.root}/{cur['file']}"
-        if self.local:
-            os.replace(cur["local_tmp"], final)
-        else:  # object stores publish an object whole once its upload completes
-            self.fs.put_file(cur["local_tmp"], final)
-            os.unlink(cur["local_tmp"])
-        self._cur = None
-        self.shards.append({"file": cur["file"], "rows": cur["rows"], "bytes": size, "crc32": crc,
-                            "provenance": len(extras) > 1})
-        if self.stats is not None and cur["stats"] is not None:
-            self.stats.merge(cur["stats"])
-        self.st.update(shards=len(self.shards), rows=self.st["rows"] + cur["rows"], bytes=self.st["bytes"] + size)
-        self._write_manifest()
+        try:
+            for arr in extras.values():
+                f.write(arr.tobytes())
+                crc = zlib.crc32(arr, crc)
+            cur["size"] = f.tell()
+            f.seek(0)
+            f.write(shard_header(cur["rows"], self.shape, self.dtype, extras))
+            f.flush()
+        except Exception:
+            self._cur = cur  # removed by _fail
+            raise
+        cur.update(crc=crc, provenance=len(extras) > 1, origin=None, prov=None)
+        with self._cond:
+            self._inflight += cur["size"]
+        self._publish_q.put(cur)
+
+    def _publisher(self) -> None:
+        """Shards in the order they were completed: fsync, rename to the final name, list in the manifest."""
+        while True:
+            cur = self._publish_q.get()
+            if cur is None:
+                return
+            f = cur["f"]
+            try:
+                if self.st["state"].startswith("stopped"):
+                    raise OSError("writing stopped")
+                os.fsync(f.fileno())
+                f.close()
+                size = cur["size"]
+                final = f"{self.root}/{cur['file']}"
+                if self.local:
+                    os.replace(cur["local_tmp"], final)
+                else:  # object stores publish an object whole once its upload completes
+                    self.fs.put_file(cur["local_tmp"], final)
+                    os.unlink(cur["local_tmp"])
+            except Exception as e:  # ENOSPC often shows only at fsync
+                self._fail(e, cur)
+                continue
+            finally:
+                with self._cond:
+                    self._inflight -= cur["size"]
+            self.shards.append({"file": cur["file"], "rows": cur["rows"], "bytes": size, "crc32": cur["crc"],
+                                "provenance": cur["provenance"]})
+            if self.stats is not None and cur["stats"] is not None:
+                self.stats.merge(cur["stats"])
+            self.st.update(shards=len(self.shards), rows=self.st["rows"] + cur["rows"], bytes=self.st["bytes"] + size)
+            self._write_manifest()
 
     def _write_manifest(self) -> None:
         m = {**self.meta, "updated_at": time.time(), "rows": self.st["rows"], "bytes": self.st["bytes"],

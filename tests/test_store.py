@@ -250,3 +250,35 @@ def test_inspect_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "actdata.store", str(tmp_path), "--verify"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 1 and f"BAD {shard}" in out.stdout
+
+
+def row_hashes(t: torch.Tensor) -> list[bytes]:
+    import hashlib
+
+    return [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in t.reshape(len(t), -1)]
+
+
+def test_embedded_model_write_replay_warm_start(tmp_path, start_server):
+    """The model path: rows of SmolLM2 (block 6) stored while serving, replayed exactly, warm-starting a
+    model-backed server whose first rows are the stored ones."""
+    store, env = str(tmp_path / "store"), {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    srv = start_server("buffer.size=200", "buffer.min_fill=0.2", "store.write=true", f"store.path={store}",
+                       "store.shard_rows=100", base=["+preset=test"], timeout=300, env=env)
+    get_rows(srv.url, 300, timeout=300, chunk=100)
+    srv.stop()
+    s = open_store(store)
+    m = s.manifests[0]
+    assert m["source"] == "model" and m["model"]["name"] == "embedded" and m["layers"] == [6]
+    assert m["sites"] == ["resid_post"] and s.sample_shape == (576,) and s.rows >= 300 and s.stats.count == s.rows
+    stored = collections.Counter(h for sh in s.shards for h in row_hashes(torch.from_numpy(np.memmap(
+        sh.file, np.float32, mode="r", offset=4096, shape=(sh.rows, 576)).copy())))
+    rep = start_server("generator.source=store", f"store.path={store}", "store.passes=1", "buffer.size=200",
+                       "buffer.min_fill=0", base=["+preset=test"])
+    assert collections.Counter(row_hashes(get_rows(rep.url, s.rows, chunk=100))) == stored
+    rep.stop()
+    warm = start_server(f"buffer.warm_start={store}", "buffer.size=150", "buffer.min_fill=1.0",
+                        base=["+preset=test"], timeout=300, env=env)
+    r = requests.get(warm.url + wire.TENSOR_PATH, params={"num_samples": 150})  # served at once, model loading
+    assert r.status_code == 200, r.text
+    got = row_hashes(wire.decode(r.content, r.headers))
+    assert len(set(got)) == 150 and set(got) <= set(stored)
