@@ -15,7 +15,7 @@ rows, bytes and the CRC-32 of each shard's data region. A shard is written under
 renamed once complete, then the manifest is rewritten to list it: after a crash the manifest lists
 exactly the complete shards. Readers merge every manifest of the directory (`open_store`).
 
-`StoreWriter` does the writing on its own thread behind a bounded queue: `put` returns at once unless
+`StoreWriter` does the writing on its own threads behind a bounded queue: `put` returns at once unless
 `queue_mb` of rows already wait for the disk, in which case the generator waits (nothing is dropped)
 and the writer's state says so. `max_bytes` stops writing (serving goes on); so does a write error
 (disk full): the partial shard is removed and the error is kept in the state.
@@ -156,9 +156,12 @@ def batch_stats(rows: torch.Tensor, shape: tuple) -> RunningStats:
 class StoreWriter:
     """Appends rows to shards of generator g in `path` on a background thread; see the module docstring.
 
-    Kept: the shard being written (a temporary file, rows streamed into it as they arrive), its origin and
-    provenance arrays and statistics in memory until it completes, the manifest's shard list and the
-    statistics of the complete shards. A writer continues the shards and statistics of an earlier run of
+    Kept: the shard being written (a temporary file, rows streamed into it as they arrive; its origin and
+    provenance arrays in memory until it completes), the manifest's shard list and the statistics of the
+    complete shards. Three threads: the caller's `put` (copies the rows into a bounded queue), the writer
+    (appends rows to the shard file, completes it: extras, header), the publisher (CRC-32 and statistics
+    of the complete shard read back from the page cache, fsync, rename, manifest) so that computing and
+    syncing one shard overlaps writing the next. A writer continues the shards and statistics of an earlier run of
     the same generator g found in `path` (if they describe the same rows)."""
 
     def __init__(self, path: str, meta: dict, shard_rows: Optional[int] = None, max_bytes: Optional[int] = None,
@@ -313,8 +316,7 @@ class StoreWriter:
         local_tmp = tmp if self.local else tempfile.mkstemp(prefix="actdata-shard-")[1]
         f = open(local_tmp, "wb")
         f.seek(DATA_START)
-        self._cur = {"file": name, "tmp": tmp, "local_tmp": local_tmp, "f": f, "rows": 0, "crc": 0,
-                     "origin": [], "prov": [], "stats": RunningStats(self.shape) if self.keep_stats else None}
+        self._cur = {"file": name, "tmp": tmp, "local_tmp": local_tmp, "f": f, "rows": 0, "origin": [], "prov": []}
         return True
 
     def _append(self, data: torch.Tensor, origin, prov) -> None:
@@ -328,12 +330,9 @@ class StoreWriter:
             part = data[done:done + take]
             buf = part.view(torch.uint8).numpy() if part.dtype != torch.bfloat16 else part.view(torch.int16).numpy()
             cur["f"].write(memoryview(buf).cast("B"))
-            cur["crc"] = zlib.crc32(buf, cur["crc"])
             cur["origin"].append(origin[done:done + take] if origin is not None else
                                  np.full(take, -1, np.int64))
             cur["prov"].append(None if prov is None else {n: a[done:done + take] for n, a in prov.items()})
-            if cur["stats"] is not None:
-                cur["stats"].merge(batch_stats(part, self.shape))
             cur["rows"] += take
             done += take
             if cur["rows"] == self.shard_rows:
@@ -348,11 +347,9 @@ class StoreWriter:
         if all(p is not None for p in cur["prov"]):
             for n in PROVENANCE:
                 extras[n] = np.concatenate([p[n] for p in cur["prov"]])
-        crc = cur["crc"]
         try:
             for arr in extras.values():
                 f.write(arr.tobytes())
-                crc = zlib.crc32(arr, crc)
             cur["size"] = f.tell()
             f.seek(0)
             f.write(shard_header(cur["rows"], self.shape, self.dtype, extras))
@@ -360,13 +357,32 @@ class StoreWriter:
         except Exception:
             self._cur = cur  # removed by _fail
             raise
-        cur.update(crc=crc, provenance=len(extras) > 1, origin=None, prov=None)
+        cur.update(provenance=len(extras) > 1, origin=None, prov=None)
         with self._cond:
             self._inflight += cur["size"]
         self._publish_q.put(cur)
 
+    def _digest(self, cur: dict, chunk_rows: int = 4096) -> tuple[int, Optional[RunningStats]]:
+        """CRC-32 of the shard's data region and statistics of its rows, read back from the page cache
+        (the file was just written): this work overlaps the writer's next shard instead of delaying it."""
+        mm = np.memmap(cur["local_tmp"], np.uint8, mode="c", offset=DATA_START, shape=(cur["size"] - DATA_START,))
+        crc = 0
+        for a in range(0, len(mm), 64 << 20):
+            crc = zlib.crc32(mm[a:a + (64 << 20)], crc)
+        stats = None
+        if self.keep_stats:
+            stats = RunningStats(self.shape)
+            words = torch.from_numpy(mm[:cur["rows"] * self.row_bytes].view(NP_WORDS[self.dtype]))
+            rows = (words.view(torch.bfloat16) if self.dtype == "bfloat16" else words).view(cur["rows"], *self.shape)
+            for a in range(0, cur["rows"], chunk_rows):
+                stats.merge(batch_stats(rows[a:a + chunk_rows], self.shape))
+        del mm
+        return crc, stats
+
     def _publisher(self) -> None:
-        """Shards in the order they were completed: fsync, rename to the final name, list in the manifest."""
+        """Shards in the order they were completed: CRC-32 and statistics, fsync, rename to the final name,
+        list in the manifest."""
+        torch.set_num_threads(1)
         while True:
             cur = self._publish_q.get()
             if cur is None:
@@ -375,6 +391,7 @@ class StoreWriter:
             try:
                 if self.st["state"].startswith("stopped"):
                     raise OSError("writing stopped")
+                crc, stats = self._digest(cur)
                 os.fsync(f.fileno())
                 f.close()
                 size = cur["size"]
@@ -390,10 +407,10 @@ class StoreWriter:
             finally:
                 with self._cond:
                     self._inflight -= cur["size"]
-            self.shards.append({"file": cur["file"], "rows": cur["rows"], "bytes": size, "crc32": cur["crc"],
+            self.shards.append({"file": cur["file"], "rows": cur["rows"], "bytes": size, "crc32": crc,
                                 "provenance": cur["provenance"]})
-            if self.stats is not None and cur["stats"] is not None:
-                self.stats.merge(cur["stats"])
+            if self.stats is not None and stats is not None:
+                self.stats.merge(stats)
             self.st.update(shards=len(self.shards), rows=self.st["rows"] + cur["rows"], bytes=self.st["bytes"] + size)
             self._write_manifest()
 

@@ -211,6 +211,17 @@ def test_bad_stores_are_named_before_anything_is_allocated(tmp_path):
             sample_shape(cfg_with(**groups))
         return str(e.value)
 
+    from actdata.config import validate
+
+    for groups, key in [({"generator": {"source": "store"}}, "store.path"),
+                        ({"generator": {"source": "store"}, "store": {"path": "x", "write": True}}, "store.write"),
+                        ({"store": {"write": True}}, "store.path"),
+                        ({"store": {"shard_rows": 0}}, "store.shard_rows"),
+                        ({"store": {"max_bytes": 0}}, "store.max_bytes"),
+                        ({"generator": {"source": "store"}, "store": {"path": "x"}, "buffer": {"warm_start": "y"}},
+                         "buffer.warm_start")]:
+        with pytest.raises(ConfigError, match=f"^{key}:"):
+            validate(cfg_with(**groups))
     assert err(generator={"source": "store"}, store={"path": str(tmp_path / "missing")}).startswith("store.path:")
     (tmp_path / "empty").mkdir()
     assert "no store manifest" in err(generator={"source": "store"}, store={"path": str(tmp_path / "empty")})
@@ -282,3 +293,16 @@ def test_embedded_model_write_replay_warm_start(tmp_path, start_server):
     assert r.status_code == 200, r.text
     got = row_hashes(wire.decode(r.content, r.headers))
     assert len(set(got)) == 150 and set(got) <= set(stored)
+
+
+def test_max_bytes_stops_writing_and_says_so(tmp_path):
+    w = StoreWriter(str(tmp_path), meta(), shard_rows=300, max_bytes=200_000)
+    src = iter(SyntheticSource((64,), torch.float32, batch_rows=128))
+    for _ in range(8):
+        rows, origin, _ = next(src)
+        w.put(rows, origin)
+    w.close()
+    st = w.state()
+    s = open_store(str(tmp_path))
+    assert st["state"] == "full (store.max_bytes)" and st["bytes"] <= 200_000 and len(s.shards) == 2
+    assert st["rows"] == s.rows == 600 and st["rows_not_stored"] == 1024 - 600
