@@ -18,7 +18,6 @@ cut into blocks that play the part of shards; the arrow files are memory-mapped 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time

@@ -25,7 +25,6 @@ Replaying a store is in actdata/replay.py. `python -m actdata.store DIR [--verif
 from __future__ import annotations
 
 import argparse
-import glob as _glob
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, DTYPE_BYTES, row_bytes
+from .config import Config, ConfigError, row_bytes
 from .stats import RunningStats
 
 log = logging.getLogger("actdata.store")

@@ -3,7 +3,6 @@ loopback, real files. Synthetic rows carry their id, so a served multiset is che
 import collections
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
