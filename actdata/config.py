@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-SOURCES = ("model", "synthetic")
+SOURCES = ("model", "synthetic", "store")
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 SYNTHETIC_DIM = 768
 SITES = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out")
@@ -52,6 +52,7 @@ class BufferConfig:
     max_reads: int = 1  # times a row is served before it is refilled (1 = serve once)
     path: Optional[str] = None  # null = POSIX shm (/dev/shm); a directory or file = memory-mapped file
     prefix: str = "actdata"  # segment names start with this; stale ones of dead runs are reclaimed
+    warm_start: Optional[str] = None  # a store (see `store`): fill the buffer from it first, then generate
 
 
 @dataclass
@@ -76,7 +77,7 @@ class DatasetConfig:
 
 @dataclass
 class GeneratorConfig:
-    source: str = "synthetic"  # model | synthetic
+    source: str = "synthetic"  # model | synthetic | store (replay store.path, no model loaded)
     batch_size: int = 8  # contexts per forward
     context_length: int = 128  # tokens per context, BOS included
     sites: List[str] = field(default_factory=lambda: ["resid_post"])  # named points or module.path:input|output
@@ -96,12 +97,26 @@ class GeneratorConfig:
 
 
 @dataclass
+class StoreConfig:
+    path: Optional[str] = None  # a directory (local, or s3://, gs://... where fsspec has the filesystem)
+    write: bool = False  # true: every generated row is also appended to shards in path
+    shard_rows: Optional[int] = None  # rows per shard; null = about 256 MB per shard
+    max_bytes: Optional[int] = None  # stop writing (and keep serving) once shards would exceed this
+    queue_mb: int = 256  # rows waiting for the disk; beyond this the generator waits for the writer
+    stats: bool = True  # keep running statistics of the stored rows in the manifest
+    seed: int = 0  # replay: shard order is shuffled per pass with (seed, pass)
+    passes: Optional[int] = None  # replay: passes over the shards; null = endless
+    column: Optional[str] = None  # replay of a datasets.save_to_disk directory: the activation column
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     log_level: str = "INFO"
 
 
@@ -230,6 +245,19 @@ def validate(cfg: Config) -> None:
     _check(g.outlier_factor is None or g.outlier_factor > 1.0, "generator.outlier_factor",
            "must be null or > 1 (a multiple of the running median norm)")
     _check(g.rows_per_second is None or g.rows_per_second > 0, "generator.rows_per_second", "must be null or > 0")
+
+    st = cfg.store
+    if g.source == "store":
+        _check(bool(st.path), "store.path", "generator.source=store replays a store: set store.path=DIR")
+        _check(not st.write, "store.write", "cannot write the store that generator.source=store replays")
+    if st.write:
+        _check(bool(st.path), "store.path", "store.write=true needs a directory: set store.path=DIR")
+    _check(st.shard_rows is None or st.shard_rows >= 1, "store.shard_rows", f"must be null or >= 1, got {st.shard_rows}")
+    _check(st.max_bytes is None or st.max_bytes >= 1, "store.max_bytes", f"must be null or >= 1, got {st.max_bytes}")
+    _check(st.queue_mb >= 1, "store.queue_mb", f"must be >= 1, got {st.queue_mb}")
+    _check(st.passes is None or st.passes >= 1, "store.passes", f"must be null or >= 1, got {st.passes}")
+    _check(b.warm_start is None or g.source != "store", "buffer.warm_start",
+           "warm-starts a generating server; with generator.source=store the store is the source")
 
     _check(m.dtype in ("auto", *DTYPES), "model.dtype", f"must be auto or one of {', '.join(DTYPES)}, got {m.dtype!r}")
     if m.device not in ("auto", "", None):

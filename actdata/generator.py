@@ -49,6 +49,10 @@ Batch = tuple[torch.Tensor, np.ndarray, dict]
 def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: int = 1,
                 start: Optional[dict] = None) -> Iterable[Batch]:
     """The source of generator `index` (g) of `count` (G), continuing from a saved state `start` if given."""
+    if cfg.generator.source == "store":  # replay: no model, no tokenizer (actdata/replay.py)
+        from .replay import make_store_source
+
+        return make_store_source(cfg, index, count)
     if cfg.generator.source == "synthetic":
         from .synthetic import SyntheticSource
 
@@ -248,6 +252,7 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
     buffer.populate_in_background(stop)  # map the rows ahead of this writer while the model loads
     failures_before_output, backoff = 0, 1.0
     source = None
+    store = _open_store_writer(cfg, spec, index, count, status)  # None unless store.write
     try:
         while not stop.is_set():
             produced = 0
@@ -258,6 +263,12 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                 for rows, origin, info in source:
                     progress.before_commit(rows, info)
                     n = buffer.write(rows, origin, stop, on_wait=progress.waiting(status), provenance=info.get("provenance"))
+                    if store is not None:  # the same rows, once, to the store (actdata/store.py)
+                        store.put(rows[:n], origin[:n], _head(info.get("provenance"), n), stop,
+                                  on_wait=lambda: status.update(store_writer=store.state()))
+                        status.d["store_writer"] = store.state()
+                    if "store" in info:  # replaying a store: pass, shard, bad shards
+                        status.d["store_replay"] = info["store"]
                     produced += n
                     buffer.note_contexts(info.get("contexts", 0))
                     status.update(force=produced == n,  # publish the first batch at once
@@ -294,8 +305,29 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                 stop.wait(backoff)
         status.update(force=True, state="stopped")
     finally:
+        if store is not None:
+            store.close()
+            status.update(force=True, store_writer=store.state())
         try:
             progress.publish_stats(force=True)
         except Exception as e:  # noqa: BLE001 - stopping must not fail on a full disk
             log.warning("generator %s: could not save its statistics: %s", name, e)
         buffer.close()
+
+
+def _head(provenance: Optional[dict], n: int) -> Optional[dict]:
+    return None if provenance is None else {k: v[:n] for k, v in provenance.items()}
+
+
+def _open_store_writer(cfg: Config, spec: BufferSpec, index: int, count: int, status: Status):
+    if not cfg.store.write:
+        return None
+    from .store import open_writer
+
+    try:
+        return open_writer(cfg, spec.sample_shape, index, count)
+    except Exception as e:  # the store is an extra: a store that cannot be opened does not stop serving
+        log.error("store %s cannot be written: %s; serving without it", cfg.store.path, e)
+        status.update(force=True, store_writer={"path": cfg.store.path, "state": "stopped: cannot open",
+                                                "error": f"{type(e).__name__}: {e}"})
+        return None

@@ -25,12 +25,22 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def sample_shape(cfg: Config) -> tuple[int, ...]:
-    """The row shape: from the config for the synthetic source, from the model's config otherwise."""
-    if cfg.generator.source == "synthetic":
-        return synthetic_shape(cfg)
-    from .sites import sample_shape as model_shape
+    """The row shape: from the config for the synthetic source, from the store's manifest for a replay,
+    from the model's config otherwise. Any store named (store.path, buffer.warm_start) is checked against
+    it here, before anything is allocated."""
+    from .store import check_store_config, check_store_matches
 
-    return tuple(model_shape(cfg))
+    if cfg.generator.source == "store":
+        return check_store_config(cfg)
+    if cfg.generator.source == "synthetic":
+        shape = synthetic_shape(cfg)
+    else:
+        from .sites import sample_shape as model_shape
+
+        shape = tuple(model_shape(cfg))
+    if cfg.store.write or cfg.buffer.warm_start:
+        check_store_matches(cfg, shape)
+    return shape
 
 
 def _free_port(host: str) -> int:
@@ -131,6 +141,12 @@ def serve(cfg: Config) -> None:
         log.info("generator state (corpus positions, statistics) in %s", state)
     stop = threading.Event()
     try:
+        if b.warm_start:  # rows of an earlier run first: serving starts at once, generators take over
+            from .replay import warm_start
+
+            t0 = time.perf_counter()
+            n = warm_start(buffer, b.warm_start, cfg.store.seed, cfg.store.column)
+            log.info("warm start: %d rows from %s in %.1f s", n, b.warm_start, time.perf_counter() - t0)
         from .metrics import ServingMetrics
         from .server import build_server
 

@@ -1,0 +1,240 @@
+"""Replay: rows of a store (actdata/store.py) served again, without a model or tokenizer.
+
+`StoreSource` is the generator's source for `generator.source=store`: generator g of G takes every G-th
+shard (sorted by name), shuffles its shards per pass with (store.seed, pass), and yields each shard's
+rows in batches straight from a memory map of the file (no copy until the buffer's own write), with
+origin and, when the shard has them, provenance arrays in info["provenance"]. Each shard's CRC-32 is
+checked by a prefetch thread the first time this process uses it, while the previous shard is served
+(so a cold shard is read from disk ahead of use; shards are immutable, so later passes trust it and only
+hint read-ahead): a shard that fails is logged, skipped for good, counted in the status, and none of its
+rows is served. After `store.passes` passes
+(null = endless) the source idles.
+
+A `datasets.Dataset.save_to_disk` directory (SAELens's activation cache layout: one array column per
+hook, each example a context [context_size, d] or a row [d]) is replayed the same way: its examples are
+cut into blocks that play the part of shards; the arrow files are memory-mapped by `datasets`.
+
+`warm_start` fills a fresh buffer from a store before the generators start.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .store import (DATA_START, NP_WORDS, PROVENANCE, TORCH_DTYPES, Shard, Store, StoreError, filesystem,
+                    open_store, read_header, verify_shard)
+
+log = logging.getLogger("actdata.replay")
+BATCH_BYTES = 4 << 20  # rows yielded at a time
+
+
+class ShardReader:
+    """Rows of one shard: memory-mapped when local, read whole otherwise (`rows`, `origin`, `provenance`)."""
+
+    def __init__(self, store: Store, shard: Shard):
+        fs, _, local = filesystem(store.path)
+        with fs.open(shard.file, "rb") as f:
+            head = read_header(f)
+        if local:
+            base = np.memmap(shard.file, np.uint8, mode="c")
+        else:
+            with fs.open(shard.file, "rb") as f:
+                base = np.frombuffer(f.read(), np.uint8)
+
+        def arr(name, np_dtype):
+            a, b = head[name]["data_offsets"]
+            return base[DATA_START + a:DATA_START + b].view(np_dtype)
+
+        n = shard.rows
+        words = arr("rows", NP_WORDS[store.dtype]).reshape(n, *store.sample_shape)
+        t = torch.from_numpy(words)
+        self.rows = t.view(torch.bfloat16) if store.dtype == "bfloat16" else t
+        self.origin = arr("origin", np.int64) if "origin" in head else None
+        self.provenance = {k: arr(k, t) for k, t in PROVENANCE.items()} if "token_ids" in head else None
+
+
+class DatasetBlocks:
+    """A datasets.save_to_disk directory as blocks of rows: `read(block)` -> (rows, origin, provenance)."""
+
+    def __init__(self, store: Store):
+        import datasets
+
+        ds = datasets.load_from_disk(store.path)
+        self.ds, self.column, self.store = ds.with_format("numpy"), store.column, store
+        self.has_tokens = "token_ids" in ds.column_names
+
+    def read(self, shard: Shard):
+        a, b = (int(x) for x in shard.file.split(":"))
+        part = self.ds[a:b]
+        x = np.asarray(part[self.column])
+        per = int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
+        rows = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+        ex = np.repeat(np.arange(a, b, dtype=np.int64), per)
+        prov = None
+        if self.has_tokens:
+            tok = np.asarray(part["token_ids"]).reshape(-1).astype(np.int32)
+            if len(tok) == len(rows):
+                prov = {"token_ids": tok, "positions": np.tile(np.arange(per, dtype=np.int32), b - a),
+                        "doc_ids": ex}
+        return rows, ex, prov
+
+
+def open_dataset_store(path: str, key: str, column: Optional[str]) -> Store:
+    """A datasets.save_to_disk directory as a Store: blocks of examples as shards (no checksums, no stats)."""
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(path)
+    except Exception as e:
+        raise StoreError(f"{key}: {path} looks like a datasets directory but cannot be loaded: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise StoreError(f"{key}: {path} holds a DatasetDict ({', '.join(ds)}); point at one split's directory")
+    if len(ds) == 0:
+        raise StoreError(f"{key}: {path} holds no rows")
+    arrays = [c for c in ds.column_names if c != "token_ids"]
+    if column is None:
+        if len(arrays) != 1:
+            raise StoreError(f"store.column: {path} has columns {arrays}; name the activation column")
+        column = arrays[0]
+    if column not in ds.column_names:
+        raise StoreError(f"store.column: {path} has no column {column!r} (columns: {ds.column_names})")
+    first = np.asarray(ds.with_format("numpy")[0][column])
+    if first.dtype.kind != "f" or first.ndim < 1:
+        raise StoreError(f"store.column: column {column!r} holds {first.dtype} of shape {first.shape}, not float rows")
+    dtype = {"float32": "float32", "float16": "float16"}.get(str(first.dtype))
+    if dtype is None:
+        raise StoreError(f"store.column: column {column!r} holds {first.dtype}; float32 or float16 needed")
+    per = int(np.prod(first.shape[:-1])) if first.ndim > 1 else 1
+    row_b = first.shape[-1] * first.dtype.itemsize
+    block = max(1, (64 << 20) // (per * row_b))  # about 64 MB of rows per block
+    shards = [Shard(f"{a}:{min(a + block, len(ds))}", (min(a + block, len(ds)) - a) * per,
+                    (min(a + block, len(ds)) - a) * per * row_b, None, "token_ids" in ds.column_names)
+              for a in range(0, len(ds), block)]
+    return Store(path, "datasets", (int(first.shape[-1]),), dtype, shards, column=column)
+
+
+class StoreSource:
+    """Generator g of G replaying its share of a store; see the module docstring."""
+
+    def __init__(self, store: Store, g: int = 0, G: int = 1, seed: int = 0, passes: Optional[int] = None,
+                 batch_rows: Optional[int] = None, idle: bool = True):
+        self.idle = idle
+        self.store, self.g, self.G, self.seed, self.passes = store, g, G, seed, passes
+        rb = int(np.prod(store.sample_shape)) * torch.empty(0, dtype=TORCH_DTYPES[store.dtype]).element_size()
+        self.batch_rows = batch_rows or max(1, BATCH_BYTES // rb)
+        self.mine = store.shards[g::G]
+        self.verified: set[str] = set()
+        self.bad: dict[str, str] = {}
+        self.blocks = DatasetBlocks(store) if store.kind == "datasets" else None
+        self.st = {"path": store.path, "kind": store.kind, "generator": g, "generators": G,
+                   "shards": len(self.mine), "rows_per_pass": sum(s.rows for s in self.mine), "pass": 0,
+                   "shard_in_pass": 0, "rows_replayed": 0, "shards_bad": 0, "bad": {}, "state": "replaying",
+                   "verify_s": 0.0}
+        if not self.mine:
+            log.warning("replay: generator %d of %d has no shard of %s (%d shards); it idles", g, G, store.path,
+                        len(store.shards))
+
+    def _check(self, shard: Shard) -> Optional[str]:
+        """Runs a shard ahead of use (on the prefetch thread): the CRC-32 the first time (which also brings
+        a cold shard into the page cache), a read-ahead hint on later passes. None when it may be served."""
+        if self.blocks is not None:
+            return None
+        if shard.file in self.verified:
+            _, _, local = filesystem(self.store.path)
+            if local:
+                try:
+                    fd = os.open(shard.file, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                    os.close(fd)
+                except OSError:
+                    pass
+            return None
+        t0 = time.perf_counter()
+        err = verify_shard(self.store, shard)
+        self.st["verify_s"] += time.perf_counter() - t0
+        if not err:
+            self.verified.add(shard.file)
+        return err
+
+    def _open(self, shard: Shard):
+        if self.blocks is not None:
+            return self.blocks.read(shard)
+        r = ShardReader(self.store, shard)
+        return r.rows, r.origin, r.provenance
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="actdata-replay-prefetch")
+        p = 0
+        while self.mine and (self.passes is None or p < self.passes):
+            p += 1
+            self.st["pass"] = p
+            order = [self.mine[j] for j in np.random.default_rng([self.seed, p, self.g]).permutation(len(self.mine))]
+            order = [sh for sh in order if sh.file not in self.bad]
+            ahead = pool.submit(self._check, order[0]) if order else None
+            for i, shard in enumerate(order):
+                self.st["shard_in_pass"] = i + 1
+                err = ahead.result()
+                ahead = pool.submit(self._check, order[i + 1]) if i + 1 < len(order) else None
+                try:
+                    if err:
+                        raise StoreError(err)
+                    rows, origin, prov = self._open(shard)
+                except Exception as e:
+                    self.bad[shard.file] = f"{type(e).__name__}: {e}" if not isinstance(e, StoreError) else str(e)
+                    self.st.update(shards_bad=len(self.bad), bad={os.path.basename(k): v for k, v in self.bad.items()})
+                    log.error("replay: shard %s skipped, never served: %s", shard.file, self.bad[shard.file])
+                    continue
+                if origin is None:
+                    origin = np.full(len(rows), -1, np.int64)
+                for a in range(0, len(rows), self.batch_rows):
+                    b = min(a + self.batch_rows, len(rows))
+                    info = {"contexts": 0, "tokens": 0, "corpus_passes": p - 1, "store": self.status(b - a)}
+                    if prov is not None:
+                        info["provenance"] = {k: v[a:b] for k, v in prov.items()}
+                    yield rows[a:b], origin[a:b], info
+        pool.shutdown(wait=False)
+        self.st["state"] = "done" if self.mine else "idle (no shard for this generator)"
+        if not self.idle:
+            return
+        empty = torch.empty(0, *self.store.sample_shape, dtype=TORCH_DTYPES[self.store.dtype])
+        while True:  # nothing more to serve; keep the loop responsive to its stop event
+            time.sleep(0.5)
+            yield empty, np.empty(0, np.int64), {"contexts": 0, "tokens": 0, "store": self.status(0)}
+
+    def status(self, n: int) -> dict:
+        self.st["rows_replayed"] += n
+        return dict(self.st)
+
+
+def make_store_source(cfg, g: int, G: int) -> StoreSource:
+    """The replay source of generator g of G (the global numbering): it reads shards i % G == g."""
+    store = open_store(cfg.store.path, "store.path", cfg.store.column)
+    return StoreSource(store, g, G, cfg.store.seed, cfg.store.passes)
+
+
+def warm_start(buffer, path: str, seed: int = 0, column: Optional[str] = None) -> int:
+    """Fill the buffer's free slots from the store at `path` (shards in an order shuffled by `seed`) before
+    any generator runs; returns the rows written. Bad shards are skipped like in replay."""
+    store = open_store(path, "buffer.warm_start", column)
+    src = StoreSource(store, 0, 1, seed, passes=1, idle=False)
+    free = int(buffer.stats()["free"])
+    kw = {}
+    import inspect
+
+    takes_prov = "provenance" in inspect.signature(buffer.write).parameters  # rows that know their origin
+    written = 0
+    for rows, origin, info in src:
+        if written >= free:
+            break
+        k = min(len(rows), free - written)
+        if takes_prov and info.get("provenance") is not None:
+            kw = {"provenance": {n: a[:k] for n, a in info["provenance"].items()}}
+        written += buffer.write(rows[:k], origin[:k], **kw)
+    return written
