@@ -19,6 +19,9 @@ DataLoader worker that tensor is allocated in shared memory, so handing it to th
 further copy (a plain tensor would be copied into shared memory by the worker queue). That is one copy
 from socket to the batch the main process receives.
 
+A single URL may be a cluster's directory (`python -m actdata.cluster`): each shard then reads its share
+of the servers the directory lists and moves to another when one dies (see actdata.discovery).
+
 Failures: connection errors, timeouts and 503 (waiting Retry-After) are retried with backoff for up to
 `retry_for_s` seconds — long enough to ride out a server restart — then `ServerUnavailable` names the URL.
 A 4xx (e.g. `batch_size` above the server's per-request maximum, a wrong API key) raises
@@ -157,8 +160,8 @@ class RemoteActivationDataset(IterableDataset):
         in_worker = get_worker_info() is not None
         shared_alloc = functools.partial(wire.empty_for, empty=shared_empty)  # batches born in shared memory
         retry = RetryPolicy(self.retry_for_s)
-        readers = [TensorReader(u, self.api_key, timeout=self.timeout, retry=retry, rcvbuf=self.rcvbuf)
-                   for u in urls]
+        readers = self._directory_readers(index, shards) or \
+            [TensorReader(u, self.api_key, timeout=self.timeout, retry=retry, rcvbuf=self.rcvbuf) for u in urls]
         try:
             done, left = 0, samples
             while done < n_batches:
@@ -175,6 +178,18 @@ class RemoteActivationDataset(IterableDataset):
         finally:
             for r in readers:
                 r.close()
+
+    def _directory_readers(self, index: int, shards: int) -> Optional[list]:
+        """A single URL that is a cluster's directory (actdata.discovery): one reader over the servers it
+        lists for this shard, which moves to another server when one fails. None for server URLs."""
+        if len(self.urls) != 1:
+            return None
+        from .discovery import DirectoryReader, is_directory
+
+        if not is_directory(self.urls[0], self.api_key, timeout=min(self.timeout, 10.0), retry_for_s=self.retry_for_s):
+            return None
+        return [DirectoryReader(self.urls[0], index, shards, self.api_key, timeout=self.timeout,
+                                retry_for_s=self.retry_for_s, rcvbuf=self.rcvbuf)]
 
     def _convert(self, x: torch.Tensor, in_worker: bool) -> torch.Tensor:
         if not in_worker:

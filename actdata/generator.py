@@ -31,11 +31,17 @@ log = logging.getLogger("actdata.generator")
 Batch = tuple[torch.Tensor, np.ndarray, dict]
 
 
-def make_source(cfg: Config, spec: BufferSpec, device: str, index: int) -> Iterable[Batch]:
+def global_generator(cfg: Config, index: int, local_generators: int) -> int:
+    """The shared contract: generator g = server.node_rank * local generators + local index."""
+    return cfg.server.node_rank * local_generators + index
+
+
+def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, local_generators: int = 1) -> Iterable[Batch]:
     if cfg.generator.source == "synthetic":
         from .synthetic import SyntheticSource
 
-        return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype], first_id=index << 40,
+        g = global_generator(cfg, index, local_generators)  # ids of generator g start at g << 40: disjoint
+        return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype], first_id=g << 40,
                                rows_per_second=cfg.generator.rows_per_second)
     from .pipeline import ModelSource
 
@@ -101,7 +107,7 @@ class Status:
 
 
 def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop: threading.Event,
-                   startup_attempts: int = 3, max_backoff_s: float = 30.0) -> None:
+                   startup_attempts: int = 3, max_backoff_s: float = 30.0, local_generators: int = 1) -> None:
     """Generate into the buffer until `stop` is set, restarting the source on failure."""
     name = f"{device.replace(':', '')}-w{index}"  # stable across restarts of the worker process
     status = Status(spec, name, device, cfg.generator.source)
@@ -112,7 +118,7 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
             produced = 0
             try:
                 status.update(force=True, state="loading")
-                source = make_source(cfg, spec, device, index)
+                source = make_source(cfg, spec, device, index, local_generators)
                 status.update(force=True, state="running")
                 for rows, origin, info in source:
                     n = buffer.write(rows, origin, stop, on_wait=status.update)

@@ -45,6 +45,7 @@ class GeneratorWorker(ls.LitAPI):
     def __init__(self, cfg: Config, spec: BufferSpec):
         super().__init__(api_path="/generator")
         self.cfg, self.buffer_spec = cfg, spec
+        self.local_generators = 1  # set by build_server once LitServe has resolved the devices
 
     def setup(self, device: str) -> None:
         from .logs import setup_logging, die_with_parent
@@ -54,7 +55,8 @@ class GeneratorWorker(ls.LitAPI):
         self._stop = threading.Event()
         index = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         self._thread = threading.Thread(target=run_supervised, name="actdata-generator", daemon=True,
-                                        args=(self.cfg, self.buffer_spec, str(device), index, self._stop))
+                                        args=(self.cfg, self.buffer_spec, str(device), index, self._stop),
+                                        kwargs={"local_generators": self.local_generators})
         self._thread.start()
 
         def _exit(signum, frame):  # stop the loop so it publishes 'stopped', then leave
@@ -220,9 +222,11 @@ class _Guard:
 def build_server(cfg: Config, buffer: SharedActivationBuffer, metrics: ServingMetrics,
                  api_key: Optional[str] = None) -> ls.LitServer:
     """A LitServer with one generator worker per device and the data-plane routes."""
-    server = ls.LitServer(GeneratorWorker(cfg, buffer.spec), accelerator=cfg.server.accelerator,
+    api = GeneratorWorker(cfg, buffer.spec)
+    server = ls.LitServer(api, accelerator=cfg.server.accelerator,
                           devices=cfg.server.devices, workers_per_device=1, timeout=30, track_requests=False,
                           restart_workers=True)  # a killed generator worker is started again
+    api.local_generators = max(1, len(server.devices))  # for the global generator numbering
     server.uvicorn_graceful_timeout = 2  # keep-alive clients must not hold a shutdown for 30 s
     app = server.app
     # LitServe gzips every response when no API streams; tensor bytes do not compress and JSON is
