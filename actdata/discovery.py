@@ -10,7 +10,8 @@ No Ray here (nor anything of the serving side): a directory is plain HTTP (see a
   server of its share (the same rule as for a list of URLs: with at least as many shards as serving
   servers, shard i reads server i % n, else servers i, i + shards, ... in turn), refreshes the server
   list every `refresh_s`, and when a server fails for `server_retry_s` it sets that URL aside for
-  `cooldown_s`, asks the directory again and reads from another. Only when no server has served for
+  `cooldown_s`, asks the directory again and reads from another (a server that answers 503, short of
+ready rows, is not set aside: the next one is read). Only when no server has served for
   `retry_for_s` does `ServerUnavailable` reach the caller. Serve-once holds per server.
 """
 from __future__ import annotations
@@ -99,7 +100,9 @@ class DirectoryClient:
         return _get_json(self.url + wire.SERVERS_PATH, self.api_key, self.timeout)["servers"]
 
     def serving_urls(self) -> list[str]:
-        return [s["url"] for s in self.servers() if s.get("serving")]
+        """Servers past their first fill: serving now, or drained below min_fill after having served
+        (serve-once and generation-bound: that is a short wait, not a reason to move elsewhere)."""
+        return [s["url"] for s in self.servers() if s.get("serving") or (s.get("rows_read") or 0) > 0]
 
 
 def share(urls: list[str], index: int, shards: int) -> list[str]:
@@ -160,11 +163,12 @@ class DirectoryReader:
                     return self._readers[u].fetch(num_samples, allocate)
                 except ServerUnavailable as e:
                     last_error = str(e)
-                    self._set_aside[u] = time.monotonic() + self.cooldown_s
-                    self._readers.pop(u).close()
-                    self._order = [x for x in self._order if x != u]
-                    self._refreshed_at = -1e9  # ask the directory again before the next attempt
-                    self.switches += 1
+                    if e.status != 503:  # a 503 server is alive, only short of ready rows: just read the next
+                        self._set_aside[u] = time.monotonic() + self.cooldown_s
+                        self._readers.pop(u).close()
+                        self._order = [x for x in self._order if x != u]
+                        self._refreshed_at = -1e9  # ask the directory again before the next attempt
+                        self.switches += 1
             else:
                 time.sleep(0.2)
             now = time.monotonic()
