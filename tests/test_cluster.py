@@ -68,7 +68,7 @@ def cluster(tmp_path_factory):
         ready = str(tmp / "directory.json")
         driver = subprocess.Popen(
             [sys.executable, "-m", "actdata.cluster", "+preset=test", "generator.source=synthetic",
-             "generator.rows_per_second=20000", "buffer.size=2000", "server.workers=1", "server.log_file=null",
+             "generator.rows_per_second=5000", "buffer.size=2000", "server.workers=1", "server.log_file=null",
              f"cluster.address={line.split()[1]}", "cluster.nodes=actdata", "cluster.directory_port=0",
              f"cluster.ready_file={ready}", "cluster.start_timeout_s=120"],
             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
