@@ -199,3 +199,39 @@ def test_node_selection_and_missing_resources():
     assert missing_resources(nodes[0], ClusterConfig()) is None
     why = missing_resources(nodes[1], ClusterConfig(gpus_per_server=1))
     assert "node 01abab" in why and "10.0.0.1" in why and "offers GPU 0" in why and "cluster.gpus_per_server" in why
+
+
+def test_directory_conventions_without_ray():
+    """The directory alone (no Ray): API key on all but GET /, {"detail"} errors, a silent member not listed."""
+    import urllib.error
+
+    from actdata.directory import Directory
+
+    d = Directory(api_key="sekret", poll_interval_s=0.1, drop_after_s=0.3)
+    url = d.start()
+    try:
+        d.set_member("node-a", "http://127.0.0.1:9", node_rank=0)  # nothing answers there
+        d.set_problem("node-b", "node node-b (10.0.0.2) offers GPU 0, a server asks for 1 (cluster.gpus_per_server)")
+
+        def call(path, key=None, method="GET"):
+            req = urllib.request.Request(url + path, method=method,
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        status, h = call("/")
+        assert status == 200 and h["kind"] == "actdata-directory" and h["servers"] == 0
+        assert h["problems"][0]["node_id"] == "node-b" and h["down"][0]["url"] == "http://127.0.0.1:9"
+        assert call("/servers")[0] == 401 and "API key" in call("/servers")[1]["detail"]
+        status, listing = call("/servers", "sekret")
+        assert status == 200 and listing["servers"] == [] and listing["down"][0]["health"] == "starting"
+        assert call("/stats", "sekret")[1]["capacity"] == 0
+        assert call("/activations/tensor?num_samples=4", "sekret")[0] == 409
+        assert call("/nope", "sekret")[0] == 404 and "detail" in call("/nope", "sekret")[1]
+        assert call("/servers", "sekret", method="POST")[0] == 405
+        assert DirectoryClient(url, api_key="sekret").servers() == []
+    finally:
+        d.stop()
