@@ -110,6 +110,23 @@ class StoreConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """`python -m actdata.cluster` only: where the Ray cluster is, which nodes serve, the directory."""
+
+    address: str = "auto"  # Ray cluster: auto (the one started on this machine) | HOST:PORT | ray://HOST:PORT
+    nodes: Any = "auto"  # auto = nodes with GPUs (all nodes when none has one) | a number | a resource label
+    cpus_per_server: float = 1.0  # Ray CPUs reserved by each server actor
+    gpus_per_server: Any = "auto"  # auto = every GPU of its node | a number
+    max_restarts: int = 10  # times Ray restarts a dead server actor (-1 = without limit)
+    start_timeout_s: float = 300.0  # a server not answering this long after placement is reported as a problem
+    directory_host: str = "127.0.0.1"  # the directory's bind address (0.0.0.0 needs an API key)
+    directory_port: int = 8100  # 0 = any free port (printed)
+    poll_interval_s: float = 0.5  # the directory polls each server's /stats this often
+    drop_after_s: float = 2.0  # a server that has not answered for this long is no longer listed
+    ready_file: Optional[str] = None  # when set, {"url", "port", "pid"} of the directory is written here
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
@@ -117,6 +134,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     log_level: str = "INFO"
 
 
@@ -246,6 +264,8 @@ def validate(cfg: Config) -> None:
            "must be null or > 1 (a multiple of the running median norm)")
     _check(g.rows_per_second is None or g.rows_per_second > 0, "generator.rows_per_second", "must be null or > 0")
 
+    validate_cluster(cfg.cluster)
+
     st = cfg.store
     if g.source == "store":
         _check(bool(st.path), "store.path", "generator.source=store replays a store: set store.path=DIR")
@@ -269,3 +289,22 @@ def validate(cfg: Config) -> None:
     _check(bool(d.name), "dataset.name", "must name a hub dataset, a local file or 'embedded'")
     _check(cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "log_level",
            f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
+
+
+def validate_cluster(c: ClusterConfig) -> None:
+    """The `cluster` group's values (checked with the rest; only actdata.cluster uses them)."""
+    _check(bool(c.address), "cluster.address", "must be auto, HOST:PORT or ray://HOST:PORT")
+    _check(c.nodes == "auto" or (isinstance(c.nodes, int) and not isinstance(c.nodes, bool) and c.nodes >= 1)
+           or (isinstance(c.nodes, str) and bool(c.nodes)), "cluster.nodes",
+           f"must be auto, a number of nodes >= 1 or a resource label, got {c.nodes!r}")
+    _check(c.cpus_per_server >= 0, "cluster.cpus_per_server", f"must be >= 0, got {c.cpus_per_server}")
+    _check(c.gpus_per_server == "auto" or (isinstance(c.gpus_per_server, (int, float)) and c.gpus_per_server >= 0),
+           "cluster.gpus_per_server", f"must be auto or a number >= 0, got {c.gpus_per_server!r}")
+    _check(c.max_restarts >= -1, "cluster.max_restarts", f"must be >= -1 (-1 = without limit), got {c.max_restarts}")
+    _check(c.start_timeout_s > 0, "cluster.start_timeout_s", "must be > 0")
+    _check(c.directory_host in HOSTS, "cluster.directory_host",
+           f"must be one of {', '.join(HOSTS)}, got {c.directory_host!r}")
+    _check(c.directory_port == 0 or 1024 <= c.directory_port <= 65535, "cluster.directory_port",
+           f"must be 1024..65535, or 0 for any free port, got {c.directory_port}")
+    _check(c.poll_interval_s > 0, "cluster.poll_interval_s", "must be > 0")
+    _check(c.drop_after_s >= c.poll_interval_s, "cluster.drop_after_s", "must be >= cluster.poll_interval_s")

@@ -37,6 +37,9 @@ Resuming: `state_dict()` / `load_state_dict()` (torchdata's StatefulDataLoader c
 the rows and batches a shard has delivered, so a resumed run's `max_samples` / `max_batches` budget
 continues where it stopped.
 
+A single URL may be a cluster's directory (`python -m actdata.cluster`): each shard then reads its share
+of the servers the directory lists and moves to another when one dies (see actdata.discovery).
+
 Failures: connection errors, timeouts and 503 (waiting Retry-After) are retried with backoff for up to
 `retry_for_s` seconds — long enough to ride out a server restart — then `ServerUnavailable` names the URL.
 A 4xx (e.g. a wrong API key) raises `ActivationServerError` at once.
@@ -123,7 +126,7 @@ class _Source:
     """One server as seen by one shard: its row format and per-request maximum (from `GET /stats`, asked
     once), its same-host reader when the buffer is reachable, else its HTTP reader."""
 
-    def __init__(self, url: str, ds: "RemoteActivationDataset", retry: RetryPolicy):
+    def __init__(self, url: str, ds: "RemoteActivationDataset", retry: RetryPolicy, http=None):
         self.url, self.ds = url, ds
         client = ActivationClient(url, api_key=ds.api_key, timeout=ds.timeout, retry_for_s=ds.retry_for_s)
         try:
@@ -135,7 +138,10 @@ class _Source:
         server = st.get("server", {})
         self.max_rows = max(1, int(server.get("max_samples_per_request") or st["capacity"]))
         self.half_capacity = max(1, int(st["capacity"]) // 2)
-        self.http = TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf)
+        self.http = http or TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf)
+        if http is not None:  # a cluster's directory: rows come from whichever of its servers serves
+            self.local = None
+            return
         self.local = None
         if ds.local:
             from .local import open_same_host
@@ -197,7 +203,22 @@ class _Stream:
 
     def open(self) -> None:
         if not self.sources:
-            self.sources = [_Source(u, self.ds, self.retry) for u in self.urls]
+            self.sources = self._directory() or [_Source(u, self.ds, self.retry) for u in self.urls]
+
+    def _directory(self) -> Optional[list["_Source"]]:
+        """A single URL that is a cluster's directory (actdata.discovery): one source reading from the
+        servers it lists for this shard, moving to another when one fails. None for server URLs."""
+        if len(self.ds.urls) != 1:
+            return None
+        from .discovery import DirectoryReader, is_directory
+
+        ds = self.ds
+        if not is_directory(ds.urls[0], ds.api_key, timeout=min(ds.timeout, 10.0), retry_for_s=ds.retry_for_s):
+            return None
+        index, shards, _ = ds.shard()
+        reader = DirectoryReader(ds.urls[0], index, shards, ds.api_key, timeout=ds.timeout,
+                                 retry_for_s=ds.retry_for_s, rcvbuf=ds.rcvbuf)
+        return [_Source(reader.first_server(), ds, self.retry, http=reader)]
 
     @property
     def batch_size(self) -> int:

@@ -184,11 +184,12 @@ class ServerProcess:
             ActivationClient(srv.url)...
 
     The port defaults to 0 (any free port); `url` is read from the server's ready file. `stop()` sends
-    SIGTERM and waits; whatever is left of its process group after `timeout` is killed.
+    SIGTERM and waits; whatever is left of its process group after `timeout` is killed. With
+    `die_with_parent`, the server is sent SIGTERM when the calling process dies (a Ray actor's server).
     """
 
     def __init__(self, overrides: list[str] = (), timeout: float = 180.0, env: Optional[dict] = None,
-                 log_path: Optional[str] = None):
+                 log_path: Optional[str] = None, die_with_parent: bool = False):
         import subprocess
         import tempfile
 
@@ -202,9 +203,12 @@ class ServerProcess:
             args.append("server.log_file=null")
         args.append(f"server.ready_file={self.ready_file}")
         self._log = open(self.log_path, "ab")
+        from .logs import die_with_parent as _pdeathsig  # imported before the fork: preexec_fn runs in the child
+
         self.proc = subprocess.Popen([sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, **(env or {})}, start_new_session=True,
+                                     preexec_fn=_pdeathsig if die_with_parent else None)
         self.url, self.port = None, None
         deadline = time.time() + timeout
         while time.time() < deadline:

