@@ -70,8 +70,8 @@ def _reserve(fd: int, offset: int, length: int, path: str) -> None:
     except OSError as e:
         if e.errno in _SPACE_ERRNOS:
             where = os.path.dirname(path) or "."
-            kind = "memory" if _mount_type(where) in ("tmpfs", "ramfs") else "space"
-            raise BufferSpaceError(f"no {kind} left on {where} for the buffer ({e.strerror}); "
+            ram = " (a tmpfs: its space is RAM)" if _mount_type(where) in ("tmpfs", "ramfs") else ""
+            raise BufferSpaceError(f"no space left on {where}{ram} for the buffer ({e.strerror}); "
                                    f"lower buffer.size or free space") from None
         if e.errno in (95, 22):  # EOPNOTSUPP / EINVAL: a filesystem without fallocate: stays sparse
             return
@@ -396,6 +396,11 @@ class SharedActivationBuffer:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    @property
+    def reserved(self) -> bool:
+        """Whether the file's space was all allocated at creation (buffer.reserve)."""
+        return self._reserved_all
 
     def __enter__(self):
         return self

@@ -283,11 +283,12 @@ class ServerProcess:
             ActivationClient(srv.url)...
 
     The port defaults to 0 (any free port); `url` is read from the server's ready file. `stop()` sends
-    SIGTERM and waits; whatever is left of its process group after `timeout` is killed.
+    SIGTERM and waits; whatever is left of its process group after `timeout` is killed. `wrapper`: a
+    command prefix such as ["prlimit", "--nofile=1024:1024", "--"] or ["unshare", "--pid", "--fork", ...].
     """
 
     def __init__(self, overrides: list[str] = (), timeout: float = 180.0, env: Optional[dict] = None,
-                 log_path: Optional[str] = None):
+                 log_path: Optional[str] = None, wrapper: list[str] = ()):
         import subprocess
         import tempfile
 
@@ -301,7 +302,7 @@ class ServerProcess:
             args.append("server.log_file=null")
         args.append(f"server.ready_file={self.ready_file}")
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         self.url, self.port = None, None
@@ -394,7 +395,11 @@ def _forked_child(buffer) -> None:
 
 
 def _prefault_when_serving(buffer) -> None:
-    """Map the buffer's pages once it serves (most rows written by then), not while it fills."""
+    """Map the buffer's pages once it serves (most rows written by then), not while it fills. Not for
+    a sparse buffer (buffer.reserve=false): on a tmpfs, reading a hole allocates it, which would spend
+    the space that its writers allocate slot by slot (and pause on when it runs out)."""
+    if not buffer.reserved:
+        return
     while not buffer.stats()["serving"]:
         time.sleep(0.5)
     buffer.prefault()
