@@ -343,8 +343,9 @@ class SharedActivationBuffer:
             raise
         try:
             os.ftruncate(fd, spec.nbytes)  # sparse: no page is touched until written
-            if reserve:  # allocate every block now: a full filesystem refuses the start, not a write later
-                _reserve(fd, 0, spec.nbytes, file_path)
+            # allocate now: the header and index arrays always (every claim writes them), the rows too when
+            # `reserve`; a full filesystem then refuses the start instead of a SIGBUS later
+            _reserve(fd, 0, spec.nbytes if reserve else index_bytes(spec.capacity), file_path)
             mm = mmap.mmap(fd, spec.nbytes)
         except BaseException:
             os.close(fd)
@@ -468,16 +469,21 @@ class SharedActivationBuffer:
                 if stop is None:
                     time.sleep(poll_s)
                 continue
+            full = None
             try:
                 self._ensure_space(ids)
-            except BufferSpaceError as e:
-                self._unclaim(ids)
-                e.done = done
-                raise
-            part = rows[done:done + len(ids)].to(self.data.dtype).reshape(len(ids), -1).contiguous()
-            self._bytes[ids] = part.view(torch.uint8).numpy()  # one memcpy per row, no thread pool
-            self.commit(ids, None if origin is None else origin[done:done + len(ids)])
-            done += len(ids)
+            except BufferSpaceError as e:  # write what has space, give back the rest
+                full, ok = e, self._allocated[ids]
+                self._unclaim(ids[~ok])
+                ids = ids[ok]
+            if len(ids):
+                part = rows[done:done + len(ids)].to(self.data.dtype).reshape(len(ids), -1).contiguous()
+                self._bytes[ids] = part.view(torch.uint8).numpy()  # one memcpy per row, no thread pool
+                self.commit(ids, None if origin is None else origin[done:done + len(ids)])
+                done += len(ids)
+            if full is not None:
+                full.done = done
+                raise full
         return done
 
     # -- readers ----------------------------------------------------------------------------------
