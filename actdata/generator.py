@@ -9,7 +9,6 @@ row is reported as failed and not restarted again (a bad model or dataset name w
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import threading

@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
