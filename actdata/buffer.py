@@ -258,7 +258,7 @@ def check_space(path: str, nbytes: int) -> None:
     if _mount_type(directory) in ("tmpfs", "ramfs", "shm"):
         avail = mem_available()
         if avail is not None and avail < free:
-            free, what = avail, "of memory available (a tmpfs lives in RAM)"
+            free, what = avail, "free (the memory available: a tmpfs lives in RAM)"
     if nbytes > free:
         raise BufferSpaceError(
             f"buffer.size: the buffer needs {nbytes / 1e9:.2f} GB but {directory} has {free / 1e9:.2f} GB {what}; "
