@@ -205,3 +205,13 @@ def test_full_filesystem_pauses_a_sparse_writer_and_refuses_a_reserved_start(sma
         os.unlink(filler)  # space is back: the rest goes in
         assert buf.write(rows[done:]) == 1200 - done and buf.stats()["ready"] == 1200
         assert set(row_ids(buf.read(1200)[1]).tolist()) == set(range(1200))
+
+
+def test_health_shows_errors_only_to_key_holders(start_server):
+    srv = start_server("buffer.size=1000", "server.api_key=s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    h = wait_for(lambda: (lambda h: h["generators"] and h)(requests.get(srv.url + "/", headers=auth).json()))
+    assert "last_error" in h["generators"][0]
+    anonymous = requests.get(srv.url + "/").json()
+    assert anonymous["generators"] and "last_error" not in anonymous["generators"][0]
+    assert requests.get(srv.url + "/stats", headers={"Authorization": "Bearer s3cre"}).status_code == 401
