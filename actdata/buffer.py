@@ -60,6 +60,7 @@ _HEADER_BYTES = _PAGE
 # header slots (int64 unless noted)
 (_MAGIC, _CAPACITY, _N_FREE, _N_READY, _N_WRITING, _N_READING, _WRITTEN, _READ, _EPOCH, _BATCHES,
  _CONTEXTS_SEEN, _REFRESHED) = range(12)
+_RESERVED = 31  # 1 when the whole file was allocated at creation
 _F_CREATED, _F_MIX_SUM, _F_RATE_IN, _F_RATE_OUT, _F_RATE_AT = 32, 33, 34, 35, 36  # float64 slots
 _NONCE = 100  # int64: random, set at creation; a same-host reader checks it opened the server's own file
 RATE_WINDOW_S = 5.0
@@ -70,7 +71,28 @@ class NotReady(RuntimeError):
 
 
 class BufferSpaceError(RuntimeError):
-    """The filesystem behind the buffer has less free space than the buffer needs."""
+    """The filesystem behind the buffer has less free space than the buffer needs. From `write`: no
+    space for the slots being written (`done` rows were written before); writing can resume later."""
+
+    done = 0
+
+
+_SPACE_ERRNOS = (28, 12, 122)  # ENOSPC, ENOMEM, EDQUOT
+
+
+def _reserve(fd: int, offset: int, length: int, path: str) -> None:
+    """posix_fallocate a byte range, as a BufferSpaceError naming the filesystem when space is short."""
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as e:
+        if e.errno in _SPACE_ERRNOS:
+            where = os.path.dirname(path) or "."
+            ram = " (a tmpfs: its space is RAM)" if backing_fs(where) in ("tmpfs", "ramfs") else ""
+            raise BufferSpaceError(f"no space left on {where}{ram} for the buffer ({e.strerror}); "
+                                   f"lower buffer.size or free space") from None
+        if e.errno in (95, 22):  # EOPNOTSUPP / EINVAL: a filesystem without fallocate: stays sparse
+            return
+        raise
 
 
 PROVENANCE_ARRAYS = (("token_ids", np.int32), ("positions", np.int32), ("doc_ids", np.int64))
@@ -123,22 +145,89 @@ def segment_name(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{os.urandom(4).hex()}.buf"
 
 
-def reclaim_stale(directory: str, prefix: str) -> list[str]:
-    """Unlink buffer files of `prefix` (and their side files) whose creating process is gone."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-[0-9a-f]+\.buf(\..+)?$")
+def owner_lock_path(path: str) -> str:
+    """The owner's lock file of a buffer: flock-ed (exclusively) for as long as its server lives."""
+    return path + ".owner"
+
+
+def _hold_owner_lock(path: str) -> int:
+    """Create `<path>.owner` already locked (made under a temporary name, locked, then renamed, so no
+    one ever sees it unlocked) and return its descriptor; the lock lasts while this process or a forked
+    child keeps the descriptor open, and the kernel drops it when they die (however they die, in
+    whatever PID namespace)."""
+    tmp = f"{owner_lock_path(path)}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, owner_lock_path(path))
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return fd
+
+
+def owner_alive(path: str, legacy_grace_s: float = 0.0) -> bool:
+    """Whether the server that created buffer file `path` still holds it: its owner lock is held. A
+    buffer without an owner file (a server of an older version) is judged by the pid in its name and
+    its age. Never judged by a pid alone when a lock exists: pids do not cross PID namespaces."""
+    try:
+        fd = os.open(owner_lock_path(path), os.O_RDWR)
+    except FileNotFoundError:
+        m = re.search(r"-(\d+)-[0-9a-f]+\.buf$", path)
+        try:
+            young = time.time() - os.stat(path).st_mtime < legacy_grace_s
+        except OSError:
+            young = False
+        return young or (m is not None and pid_alive(int(m.group(1))))
+    except OSError:
+        return True  # cannot tell: leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock, if we got it
+    return False
+
+
+def _remove_with_side_files(path: str) -> list[str]:
     removed = []
+    for p in [path, *glob.glob(glob.escape(path) + ".*")]:
+        try:
+            os.unlink(p)
+            removed.append(os.path.basename(p))
+        except OSError:
+            pass
+    return removed
+
+
+def reclaim_stale(directory: str, prefix: str) -> list[str]:
+    """Unlink buffer files of `prefix` (and their side files) whose owner is gone: nobody holds the
+    owner lock (see `owner_alive`). Side files whose buffer file is gone are removed too."""
+    pattern = re.compile(rf"^({re.escape(prefix)}-\d+-[0-9a-f]+\.buf)(\..+)?$")
     try:
         names = os.listdir(directory)
     except OSError:
-        return removed
-    for name in names:
-        m = pattern.match(name)
-        if m and not pid_alive(int(m.group(1))):
+        return []
+    bases = {m.group(1) for m in map(pattern.match, names) if m}
+    removed = []
+    for base in sorted(bases):
+        path = os.path.join(directory, base)
+        if not os.path.exists(path):  # side files only: a crash after unlinking, or a creation under way
+            if os.path.exists(owner_lock_path(path)) and owner_alive(path):
+                continue
             try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
+                if any(time.time() - os.stat(p).st_mtime < 10 for p in glob.glob(glob.escape(path) + ".*")):
+                    continue
             except OSError:
-                pass
+                continue
+            removed += _remove_with_side_files(path)
+        elif not owner_alive(path):
+            removed += _remove_with_side_files(path)
     return removed
 
 
@@ -204,14 +293,31 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot}/{pidns}"
 
 
+def mem_available() -> Optional[int]:
+    """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_space(path: str, nbytes: int) -> None:
-    """Raise BufferSpaceError when the filesystem holding `path` cannot hold `nbytes` more."""
+    """Raise BufferSpaceError when the filesystem holding `path` cannot hold `nbytes` more. A tmpfs
+    (such as /dev/shm) is RAM: its free space counts only up to the memory available right now."""
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     st = os.statvfs(directory)
-    free = st.f_bavail * st.f_frsize
+    free, what = st.f_bavail * st.f_frsize, "free"
+    if backing_fs(directory) in ("tmpfs", "ramfs", "shm"):
+        avail = mem_available()
+        if avail is not None and avail < free:
+            free, what = avail, "free (the memory available: a tmpfs lives in RAM)"
     if nbytes > free:
         raise BufferSpaceError(
-            f"buffer.size: the buffer needs {nbytes / 1e9:.2f} GB but {directory} has {free / 1e9:.2f} GB free; "
+            f"buffer.size: the buffer needs {nbytes / 1e9:.2f} GB but {directory} has {free / 1e9:.2f} GB {what}; "
             "lower buffer.size or point buffer.path at a larger filesystem")
 
 
@@ -261,6 +367,8 @@ class SharedActivationBuffer:
         self.data = raw.view(TORCH_DTYPES[spec.dtype]).view(cap, *spec.sample_shape)
         self._bytes = raw.numpy().reshape(cap, spec.row_bytes)  # the same rows as raw bytes
         self._lock = ProcessLock(spec.path)
+        self._owner_lock_fd, self._reserved_all = None, bool(self._h[_RESERVED])
+        self._space_fd, self._space_pid, self._allocated = None, None, None
         self._rng_pid, self._rng = None, None
         self._rate_samples: list[tuple[float, int, int]] = []  # (time, written, read), for sample_rates
         self._populating: Optional[tuple[list, threading.Event]] = None
@@ -269,25 +377,44 @@ class SharedActivationBuffer:
     @classmethod
     def create(cls, capacity: int, sample_shape, dtype: str = "float32", *, min_fill: float = 0.0,
                max_reads: int = 1, path: Optional[str] = None, prefix: str = "actdata",
-               provenance: bool = False) -> "SharedActivationBuffer":
-        """Create a new buffer file. `path`: None = /dev/shm, a directory, or a file path to create."""
+               provenance: bool = False, reserve: bool = False) -> "SharedActivationBuffer":
+        """Create a new buffer file. `path`: None = /dev/shm, a directory, or a file path to create (a
+        file left by a killed server is replaced; one whose owner lives is refused). `reserve`: allocate
+        all of its space now (fallocate); otherwise each writer allocates a slot's space before its first
+        write into it, and a full filesystem pauses writing (BufferSpaceError) instead of a SIGBUS."""
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
         directory = path or SHM_DIR
         file_path = os.path.join(directory, segment_name(prefix)) if os.path.isdir(directory) else directory
         spec = BufferSpec(file_path, int(capacity), tuple(int(x) for x in sample_shape), dtype,
                           float(min_fill), int(max_reads), bool(provenance))
+        if os.path.exists(file_path):  # an explicit file: left by a killed server, or in use by a live one
+            if owner_alive(file_path, legacy_grace_s=0):
+                raise BufferSpaceError(f"buffer.path: {file_path} is in use by a running server")
+            _remove_with_side_files(file_path)
         check_space(file_path, spec.nbytes)
-        fd = os.open(file_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        lock_fd = _hold_owner_lock(file_path)
+        try:
+            fd = os.open(file_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except BaseException:
+            os.close(lock_fd)
+            os.unlink(owner_lock_path(file_path))
+            raise
         try:
             os.ftruncate(fd, spec.nbytes)  # sparse: no page is touched until written
+            # allocate now: the header and index arrays always (every claim writes them), the rows too when
+            # `reserve`; a full filesystem then refuses the start instead of a SIGBUS later
+            _reserve(fd, 0, spec.nbytes if reserve else index_bytes(spec.capacity), file_path)
             mm = mmap.mmap(fd, spec.nbytes)
         except BaseException:
             os.close(fd)
-            os.unlink(file_path)
+            _remove_with_side_files(file_path)
+            os.close(lock_fd)
             raise
         os.close(fd)
         buf = cls(spec, mm, owner=True)
+        buf._owner_lock_fd, buf._reserved_all = lock_fd, bool(reserve)
+        buf._h[_RESERVED] = int(bool(reserve))
         buf._free[:] = np.arange(spec.capacity, dtype=np.int64)
         buf._h[_CAPACITY], buf._h[_N_FREE] = spec.capacity, spec.capacity
         buf._hf[_F_CREATED] = time.time()
@@ -305,11 +432,18 @@ class SharedActivationBuffer:
         return cls(spec, mm, owner=False)
 
     def close(self) -> None:
-        """Detach; the owner also removes the file."""
+        """Detach; the owner also removes the file (and then lets go of its owner lock)."""
         self.stop_populating()
         self._lock.close()
         if self.owner:
             self.unlink()
+        for fd in (self._owner_lock_fd, self._space_fd if self._space_pid == os.getpid() else None):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._owner_lock_fd = self._space_fd = None
         self.data = self._bytes = self._h = self._hf = None  # drop views of the map before closing it
         self._state = self._reads = self._owner = self._origin = self._free = self._ready = self._prov = None
         try:
@@ -324,6 +458,11 @@ class SharedActivationBuffer:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    @property
+    def reserved(self) -> bool:
+        """Whether the file's space was all allocated at creation (buffer.reserve)."""
+        return self._reserved_all
 
     def __enter__(self):
         return self
@@ -352,13 +491,36 @@ class SharedActivationBuffer:
             self._h[_N_WRITING] -= len(ids)
             self._h[_WRITTEN] += len(ids)
 
+    def _ensure_space(self, ids: np.ndarray) -> None:
+        """Allocate the file space of slots `ids` before the first write into them (sparse buffers
+        only): on a full filesystem this is a BufferSpaceError instead of a SIGBUS in the copy."""
+        if self._reserved_all:
+            return
+        if self._space_pid != os.getpid():
+            self._space_fd, self._space_pid = os.open(self.spec.path, os.O_RDWR), os.getpid()
+            self._allocated = np.zeros(self.spec.capacity, dtype=bool)
+        data_off, rb = _layout(self.spec.capacity, self.spec.row_bytes)["data"], self.spec.row_bytes
+        for i in ids[~self._allocated[ids]].tolist():
+            _reserve(self._space_fd, data_off + i * rb, rb, self.spec.path)
+            self._allocated[i] = True
+
+    def _unclaim(self, ids: np.ndarray) -> None:
+        """Give back WRITING slots that were not written."""
+        with self._lock:
+            self._state[ids] = FREE
+            self._put(self._free, _N_FREE, ids)
+            self._h[_N_WRITING] -= len(ids)
+
     def write(self, rows: torch.Tensor, origin: Optional[np.ndarray] = None,
               stop: Optional[threading.Event] = None, poll_s: float = 0.002,
               on_wait: Optional[Callable[[], None]] = None, provenance: Optional[dict] = None) -> int:
         """Write rows into random FREE slots, waiting for slots as needed (calling `on_wait` while
         the buffer is full); returns rows written (fewer only when `stop` is set while waiting).
         `provenance`: {"token_ids", "positions", "doc_ids"} arrays [len(rows)], kept with the rows when the
-        buffer has provenance arrays (-1 is stored when a writer gives none)."""
+        buffer has provenance arrays (-1 is stored when a writer gives none).
+
+        Raises BufferSpaceError (with `.done`, the rows written before) when a sparse buffer's
+        filesystem has no space for the slots; the caller may retry the rest later."""
         rows = rows.reshape(len(rows), *self.spec.sample_shape)
         done = 0
         while done < len(rows):
@@ -371,13 +533,24 @@ class SharedActivationBuffer:
                 if stop is None:
                     time.sleep(poll_s)
                 continue
-            part = rows[done:done + len(ids)].to(self.data.dtype).reshape(len(ids), -1).contiguous()
-            self._bytes[ids] = part.view(torch.uint8).numpy()  # one memcpy per row, no thread pool
-            if self._prov is not None:
-                for name, arr in self._prov.items():
-                    arr[ids] = -1 if provenance is None else provenance[name][done:done + len(ids)]
-            self.commit(ids, None if origin is None else origin[done:done + len(ids)])
-            done += len(ids)
+            full = None
+            try:
+                self._ensure_space(ids)
+            except BufferSpaceError as e:  # write what has space, give back the rest
+                full, ok = e, self._allocated[ids]
+                self._unclaim(ids[~ok])
+                ids = ids[ok]
+            if len(ids):
+                part = rows[done:done + len(ids)].to(self.data.dtype).reshape(len(ids), -1).contiguous()
+                self._bytes[ids] = part.view(torch.uint8).numpy()  # one memcpy per row, no thread pool
+                if self._prov is not None:
+                    for name, arr in self._prov.items():
+                        arr[ids] = -1 if provenance is None else provenance[name][done:done + len(ids)]
+                self.commit(ids, None if origin is None else origin[done:done + len(ids)])
+                done += len(ids)
+            if full is not None:
+                full.done = done
+                raise full
         return done
 
     # -- readers ----------------------------------------------------------------------------------

@@ -40,6 +40,16 @@ class ServerConfig:
     node_rank: int = 0  # this server's index among num_nodes servers sharing one corpus (a cluster)
     num_nodes: int = 1  # generator g of G: g = node_rank * local generators + worker index
     generators_per_device: int = 1  # generator workers per device (2 on the CPU: two disjoint corpus shares)
+    # Hostile-load limits, per HTTP process (see actdata/httpguard.py and README "Reliability")
+    max_header_bytes: int = 65536  # request head larger than this: 431, closed while it is being read
+    header_timeout_s: float = 10.0  # request head not complete this long after connecting: 408, closed
+    keep_alive_s: float = 5.0  # idle keep-alive connections closed after this
+    send_timeout_s: float = 30.0  # a response the client does not read for this long is aborted
+    max_connections: int = 0  # open connections per HTTP process; 0 = from the open-file limit
+    max_inflight: int = 256  # requests running per HTTP process; more get a fast 503 + Retry-After
+    response_memory_bytes: int = 256 << 20  # response bodies held at once per HTTP process (503 above);
+    # one request may use half of it, which caps num_samples on /activations/tensor
+    max_json_bytes: int = 64 << 20  # JSON text of one /activations answer; caps its num_samples
 
 
 @dataclass
@@ -53,6 +63,7 @@ class BufferConfig:
     path: Optional[str] = None  # null = POSIX shm (/dev/shm); a directory or file = memory-mapped file
     prefix: str = "actdata"  # segment names start with this; stale ones of dead runs are reclaimed
     warm_start: Optional[str] = None  # a store (see `store`): fill the buffer from it first, then generate
+    reserve: bool = True  # allocate the file's space at start (fallocate): no SIGBUS when the filesystem fills
 
 
 @dataclass
@@ -229,6 +240,13 @@ def validate(cfg: Config) -> None:
     _check(s.generators_per_device >= 1, "server.generators_per_device", f"must be >= 1, got {s.generators_per_device}")
     _check(0 <= s.node_rank < s.num_nodes, "server.node_rank",
            f"must be in 0..server.num_nodes-1 = 0..{s.num_nodes - 1}, got {s.node_rank}")
+    _check(s.max_header_bytes >= 1024, "server.max_header_bytes", f"must be >= 1024, got {s.max_header_bytes}")
+    for key in ("header_timeout_s", "keep_alive_s", "send_timeout_s"):
+        _check(getattr(s, key) > 0, f"server.{key}", f"must be > 0 seconds, got {getattr(s, key)}")
+    _check(s.max_connections >= 0, "server.max_connections", "must be >= 0 (0 = from the open-file limit)")
+    _check(s.max_inflight >= 1, "server.max_inflight", f"must be >= 1, got {s.max_inflight}")
+    _check(s.response_memory_bytes >= 1 << 20, "server.response_memory_bytes", "must be >= 1 MiB")
+    _check(s.max_json_bytes >= 4096, "server.max_json_bytes", "must be >= 4096")
 
     _check(b.size >= 1, "buffer.size", f"must be a positive number of rows, got {b.size}")
     _check(b.dtype in DTYPES, "buffer.dtype", f"must be one of {', '.join(DTYPES)}, got {b.dtype!r}")

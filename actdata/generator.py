@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import glob
-import json
 import logging
 import os
 import threading
@@ -34,7 +33,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .buffer import BufferSpec, SharedActivationBuffer, pid_alive
+from .buffer import BufferSpaceError, BufferSpec, SharedActivationBuffer, pid_alive
+from .logs import publish_json, read_json
 from . import wire
 from .config import Config, synthetic_shape
 
@@ -187,10 +187,8 @@ def read_statuses(spec: BufferSpec) -> list[dict]:
     """Statuses of every generator of this buffer; a generator whose process is gone shows as 'dead'."""
     out = []
     for path in sorted(glob.glob(f"{glob.escape(spec.path)}.gen-*.json")):
-        try:
-            with open(path) as f:
-                st = json.load(f)
-        except (OSError, ValueError):
+        st = read_json(path)
+        if not isinstance(st, dict):
             continue
         if st.get("state") not in ("stopped", "failed") and not pid_alive(st.get("pid", -1)):
             st["state"] = "dead"
@@ -208,25 +206,29 @@ class Status:
                   "corpus_passes": 0, "rows_overflowed": 0, "restarts": 0, "last_error": None, "started_at": time.time(),
                   "updated_at": time.time()}
         self._window: list[tuple[float, int, int]] = []
-        try:  # a previous process of this worker slot that died: carry its history
-            with open(self.path) as f:
-                prev = json.load(f)
-        except (OSError, ValueError):
-            prev = None
+        prev = read_json(self.path)  # a previous process of this worker slot that died: carry its history
         if prev and prev.get("pid") != os.getpid() and prev.get("state") not in ("stopped",):
             self.d["restarts"] = prev.get("restarts", 0) + 1
-            self.d["last_error"] = prev.get("last_error") or f"worker process {prev.get('pid')} died"
+            self.d["last_error"] = prev.get("death") or prev.get("last_error") or f"worker process {prev.get('pid')} died"
 
     def update(self, force: bool = False, **kw) -> None:
-        self.d.update(kw)
-        now = time.time()
-        if force or now - self._last >= self.interval:
-            self._rates(now)
-            self.d["updated_at"], self._last = now, now
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.d, f)
-            os.replace(tmp, self.path)
+        """Merge `kw` and publish (at most every `interval` s unless forced). Never raises: a status
+        that cannot be written (a full disk) is kept in memory and published when it can be; the
+        reason is in `status_error`."""
+        try:
+            self.d.update(kw)
+            now = time.time()
+            if force or now - self._last >= self.interval:
+                self._rates(now)
+                self.d["updated_at"], self._last = now, now
+                err = publish_json(self.path, self.d)
+                if err != self.d.get("status_error"):
+                    self.d["status_error"] = err
+                    if err:
+                        log.error("generator %s: cannot publish its status: %s", self.d["name"], err)
+                        publish_json(self.path, self.d)  # in place, with the reason
+        except Exception as e:  # noqa: BLE001 - reporting must never end the loop it reports on
+            log.error("generator status update failed: %s: %s", type(e).__name__, e)
 
     def _rates(self, now: float) -> None:
         self._window.append((now, self.d["rows_written"], self.d["tokens"]))
@@ -241,69 +243,27 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
                    startup_attempts: int = 3, max_backoff_s: float = 30.0, count: int = 1,
                    on_poisoned=exit_process) -> None:
     """Generate into the buffer until `stop` is set, restarting the source on failure. `index` is this
-    generator's global number g of `count` = G."""
-    from .placement import poisons_context
-
+    generator's global number g of `count` = G. Every way out of this function is published in the
+    status: 'stopped', 'failed' (with the error), or 'crashed' for an error outside the restart loop
+    itself (it is logged and re-raised)."""
     name = f"{device.replace(':', '')}-w{index}"  # stable across restarts of the worker process
     status = Status(spec, name, device, cfg.generator.source)
-    progress = Progress(cfg, spec, name, index, count)
+    try:
+        buffer = SharedActivationBuffer.attach(spec)
+        progress = Progress(cfg, spec, name, index, count)
+    except BaseException as e:
+        status.update(force=True, state="failed", last_error=f"cannot start: {type(e).__name__}: {e}")
+        raise
     status.update(force=True, position=progress.position())
-    buffer = SharedActivationBuffer.attach(spec)
     buffer.populate_in_background(stop)  # map the rows ahead of this writer while the model loads
-    failures_before_output, backoff = 0, 1.0
-    source = None
     store = _open_store_writer(cfg, spec, index, count, status)  # None unless store.write
     try:
-        while not stop.is_set():
-            produced = 0
-            try:
-                status.update(force=True, state="loading")
-                source = make_source(cfg, spec, device, index, count, progress.start())
-                status.update(force=True, state="running")
-                for rows, origin, info in source:
-                    progress.before_commit(rows, info)
-                    n = buffer.write(rows, origin, stop, on_wait=progress.waiting(status), provenance=info.get("provenance"))
-                    if store is not None:  # the same rows, once, to the store (actdata/store.py)
-                        store.put(rows[:n], origin[:n], _head(info.get("provenance"), n), stop,
-                                  on_wait=lambda: status.update(store_writer=store.state()))
-                        status.d["store_writer"] = store.state()
-                    if "store" in info:  # replaying a store: pass, shard, bad shards
-                        status.d["store_replay"] = info["store"]
-                    produced += n
-                    buffer.note_contexts(info.get("contexts", 0))
-                    status.update(force=produced == n,  # publish the first batch at once
-                                  rows_written=status.d["rows_written"] + n,
-                                  contexts=status.d["contexts"] + info.get("contexts", 0),
-                                  tokens=status.d["tokens"] + info.get("tokens", 0),
-                                  corpus_passes=info.get("corpus_passes", status.d["corpus_passes"]),
-                                  rows_overflowed=status.d["rows_overflowed"] + info.get("rows_overflowed", 0),
-                                  position=progress.position())
-                    if stop.is_set():
-                        break
-                else:
-                    log.warning("generator %s: source ended; restarting it", name)
-            except Exception as e:  # a failing source must not take the server down
-                err = f"{type(e).__name__}: {e}"
-                log.error("generator %s failed: %s\n%s", name, err, traceback.format_exc())
-                if poisons_context(e):  # every later CUDA call of this process would fail: a fresh process
-                    status.update(force=True, state="restarting", last_error=err)
-                    log.error("generator %s: the CUDA context is unusable; ending worker process %d so that "
-                              "a fresh one is started", name, os.getpid())
-                    on_poisoned(POISONED_EXIT)
-                    return
-                failures_before_output = 0 if produced else failures_before_output + 1
-                if failures_before_output >= startup_attempts:
-                    status.update(force=True, state="failed", last_error=err)
-                    log.error("generator %s failed %d times before producing a row; giving up", name,
-                              failures_before_output)
-                    return
-                backoff = 1.0 if produced else min(backoff * 2, max_backoff_s)
-                status.update(force=True, state="restarting", last_error=err, restarts=status.d["restarts"] + 1)
-            finally:
-                source = release_source(source)  # the old model goes before a new one is built
-            if status.d["state"] == "restarting":
-                stop.wait(backoff)
-        status.update(force=True, state="stopped")
+        _loop(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, name, status, buffer,
+              progress, store, on_poisoned)
+    except BaseException as e:  # a bug in the loop itself: never silent
+        status.update(force=True, state="crashed", last_error=f"{type(e).__name__}: {e}")
+        log.critical("generator %s loop crashed: %s\n%s", name, e, traceback.format_exc())
+        raise
     finally:
         if store is not None:
             store.close()
@@ -315,8 +275,98 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
         buffer.close()
 
 
+def _loop(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, name, status, buffer,
+          progress, store, on_poisoned) -> None:
+    from .placement import poisons_context
+
+    failures_before_output, backoff = 0, 1.0
+    source = None
+    while not stop.is_set():
+        produced = 0
+        try:
+            status.update(force=True, state="loading")
+            source = make_source(cfg, spec, device, index, count, progress.start())
+            status.update(force=True, state="running")
+            for rows, origin, info in source:
+                progress.before_commit(rows, info)
+                n = _write_all(buffer, rows, origin, info.get("provenance"), stop, status, name,
+                               on_wait=progress.waiting(status))
+                if store is not None:  # the same rows, once, to the store (actdata/store.py)
+                    store.put(rows[:n], origin[:n], _head(info.get("provenance"), n), stop,
+                              on_wait=lambda: status.update(store_writer=store.state()))
+                    status.d["store_writer"] = store.state()
+                if "store" in info:  # replaying a store: pass, shard, bad shards
+                    status.d["store_replay"] = info["store"]
+                produced += n
+                buffer.note_contexts(info.get("contexts", 0))
+                status.update(force=produced == n,  # publish the first batch at once
+                              rows_written=status.d["rows_written"] + n,
+                              contexts=status.d["contexts"] + info.get("contexts", 0),
+                              tokens=status.d["tokens"] + info.get("tokens", 0),
+                              corpus_passes=info.get("corpus_passes", status.d["corpus_passes"]),
+                              rows_overflowed=status.d["rows_overflowed"] + info.get("rows_overflowed", 0),
+                              position=progress.position())
+                if stop.is_set():
+                    break
+            else:
+                log.warning("generator %s: source ended; restarting it", name)
+        except Exception as e:  # a failing source must not take the server down
+            err = f"{type(e).__name__}: {e}"
+            log.error("generator %s failed: %s\n%s", name, err, traceback.format_exc())
+            if poisons_context(e):  # every later CUDA call of this process would fail: a fresh process
+                status.update(force=True, state="restarting", last_error=err)
+                log.error("generator %s: the CUDA context is unusable; ending worker process %d so that "
+                          "a fresh one is started", name, os.getpid())
+                on_poisoned(POISONED_EXIT)
+                return
+            failures_before_output = 0 if produced else failures_before_output + 1
+            if failures_before_output >= startup_attempts:
+                status.update(force=True, state="failed", last_error=err)
+                log.error("generator %s failed %d times before producing a row; giving up", name,
+                          failures_before_output)
+                return
+            backoff = 1.0 if produced else min(backoff * 2, max_backoff_s)
+            status.update(force=True, state="restarting", last_error=err, restarts=status.d["restarts"] + 1)
+        finally:
+            source = release_source(source)  # the old model goes before a new one is built
+        if status.d["state"] == "restarting":
+            stop.wait(backoff)
+    status.update(force=True, state="stopped")
+
+
+def _write_all(buffer: SharedActivationBuffer, rows, origin, provenance, stop: threading.Event, status: Status,
+               name: str, on_wait=None) -> int:
+    """Write every row, pausing while the buffer's filesystem (or memory) is full and resuming when
+    space returns; the pause and its reason are in the status. Returns rows written."""
+    done, paused = 0, False
+    while done < len(rows):
+        try:
+            done += buffer.write(rows[done:], None if origin is None else origin[done:], stop,
+                                 on_wait=on_wait or status.update, provenance=_tail(provenance, done))
+            if stop.is_set():
+                break
+        except BufferSpaceError as e:
+            done += e.done
+            if not paused:
+                log.error("generator %s: writing paused: %s", name, e)
+                paused = True
+            status.update(force=True, state="paused", last_error=str(e),
+                          paused_since=status.d.get("paused_since") or time.time())
+            if stop.wait(1.0):
+                break
+            continue
+    if paused:
+        log.info("generator %s: space is back; writing resumed", name)
+        status.update(force=True, state="running", paused_since=None)
+    return done
+
+
 def _head(provenance: Optional[dict], n: int) -> Optional[dict]:
     return None if provenance is None else {k: v[:n] for k, v in provenance.items()}
+
+
+def _tail(provenance: Optional[dict], n: int) -> Optional[dict]:
+    return None if provenance is None or n == 0 else {k: v[n:] for k, v in provenance.items()}
 
 
 def _open_store_writer(cfg: Config, spec: BufferSpec, index: int, count: int, status: Status):

@@ -63,9 +63,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_descendants(timeout: float = 3.0) -> None:
-    """SIGTERM every descendant of this process, then SIGKILL those left after `timeout`."""
-    pids = descendants(os.getpid())
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.resource_tracker" in f.read()
+    except OSError:
+        return False
+
+
+def kill_descendants(timeout: float = 1.5) -> None:
+    """SIGTERM every descendant of this process, then SIGKILL those left after `timeout`. The
+    multiprocessing resource tracker is spared: it ignores SIGTERM, and once this process exits it
+    unlinks the semaphores of the processes it tracked and leaves by itself (killing it leaked one
+    /dev/shm/sem.mp-* per start)."""
+    pids = [p for p in descendants(os.getpid()) if not _is_resource_tracker(p)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in pids:
             try:
@@ -95,3 +106,71 @@ def _exists(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft open-file limit to its hard limit (children inherit it); returns
+    (soft, hard) after the change. Each client connection costs an HTTP process one descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def publish_json(path: str, obj: dict) -> Optional[str]:
+    """Publish `obj` as JSON at `path` for other processes; returns None, or the error text when it
+    could not be written. Written to a temporary file and renamed (readers never see half a file);
+    when that fails for lack of space (ENOSPC/EDQUOT on a full disk or tmpfs), the existing file is
+    overwritten in place instead, within its first (already allocated) 4 KB page, which needs no new
+    space. Never raises OSError: status reporting must not kill its caller."""
+    import errno
+    import json
+
+    text = json.dumps(obj, default=str).encode()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return None
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return f"{path}: {e.strerror}"
+        first = f"{path}: {e.strerror} (errno {errno.errorcode.get(e.errno, e.errno)})"
+    try:  # in place: pad with spaces to the old length so no byte beyond what exists is needed
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if len(text) > max(size, 4096):
+                return first
+            os.pwrite(fd, text + b" " * max(0, size - len(text)), 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return first
+
+
+def read_json(path: str, attempts: int = 3) -> Optional[dict]:
+    """A JSON object published with `publish_json`, or None (missing or unreadable)."""
+    import json
+
+    for _ in range(attempts):  # an in-place update may be seen half written: read again
+        try:
+            with open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            time.sleep(0.001)
+    return None

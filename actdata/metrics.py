@@ -29,9 +29,14 @@ class ServingMetrics:
 
     def __init__(self, path: str, create: bool = False):
         self.path = path
-        if create:
+        if create:  # allocated, not sparse: a first write into a hole of a full tmpfs would be a SIGBUS
             with open(path, "wb") as f:
                 f.truncate(_SLOTS * 8)
+                try:
+                    os.posix_fallocate(f.fileno(), 0, _SLOTS * 8)
+                except OSError as e:
+                    if e.errno not in (22, 95):  # a filesystem without fallocate stays sparse
+                        raise
         fd = os.open(path, os.O_RDWR)
         try:
             self._mm = mmap.mmap(fd, _SLOTS * 8)

@@ -7,6 +7,7 @@ unlink the buffer. Nothing is allocated before the config has been checked.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from typing import Optional
 
+from .logs import publish_json, read_json
 from .config import Config, ConfigError, estimate_bytes, human_bytes, synthetic_shape, to_config, validate
 
 log = logging.getLogger("actdata.serve")
@@ -50,10 +52,95 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
+class Supervisor:
+    """The main process's watch over its children, every `interval` s:
+
+    - HTTP processes (LitServe forks them and does not watch them): one that died is logged with its
+      exit status and replaced by a fresh fork on the same listening socket; their pids and restarts are
+      published in `<buffer>.http.json` for /stats. More than `max_restarts` within `window_s` is a
+      fatal stop (a crash loop), which makes the server exit non-zero.
+    - generator worker processes (LitServe's own monitor is off): one that died is logged with its exit
+      status and any fatal-signal traceback it left, that cause is written into its status (/stats, GET /
+      report it), and it is started again.
+    - the buffer: slots held by dead processes are freed, and the published rates updated.
+    """
+
+    def __init__(self, server, buffer, interval: float = 0.5, max_restarts: int = 20, window_s: float = 60.0):
+        self.server, self.buffer, self.interval = server, buffer, interval
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self.http_restarts, self.gen_restarts, self.last_death = 0, 0, None
+        self.fatal: Optional[str] = None
+        self._recent: list[float] = []
+
+    def check(self) -> None:
+        self._http()
+        self._generators()
+
+    def _died(self, what: str, proc) -> str:
+        code = proc.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in
+               signal.Signals._value2member_map_ else f"exit status {code}")
+        self.last_death = f"{what} (pid {proc.pid}) {how} at {time.strftime('%H:%M:%S')}"
+        now = time.time()
+        self._recent = [t for t in self._recent if now - t < self.window_s] + [now]
+        if len(self._recent) > self.max_restarts:
+            self.fatal = f"{len(self._recent)} process deaths within {self.window_s:g} s; last: {self.last_death}"
+        return self.last_death
+
+    def _http(self) -> None:
+        workers = getattr(self.server, "http_workers", None) or {}
+        changed = False
+        for i, w in list(workers.items()):
+            if w.is_alive() or self.fatal or STOPPING.is_set():
+                continue
+            w.join(0)
+            log.error("%s; starting a new one", self._died(f"HTTP process {i}", w))
+            self.server.restart_http_worker(i)
+            self.http_restarts += 1
+            changed = True
+        if workers and (changed or not hasattr(self, "_published")):
+            self._published = True
+            publish_json(self.buffer.spec.path + ".http.json",
+                         {"pids": [w.pid for w in workers.values()], "restarts": self.http_restarts,
+                          "last_death": self.last_death})
+
+    def _generators(self) -> None:
+
+        procs = getattr(self.server, "inference_workers", None) or []
+        if self.fatal or STOPPING.is_set() or getattr(self.server, "_shutdown_event", None) is None:
+            return
+        for idx, proc in enumerate(procs):
+            if proc.is_alive():
+                continue
+            proc.join(0)
+            cause = self._died(f"generator worker {idx}", proc)
+            for path in glob.glob(glob.escape(self.buffer.spec.path) + f".gen-*-w{idx}.json"):
+                try:
+                    with open(path + ".crash") as f:
+                        lines = [x.strip() for x in f.read(4000).splitlines() if x.strip()]
+                except OSError:
+                    lines = []
+                crash = lines[0] if lines else ""
+                if crash:
+                    cause += f": {crash}"
+                    if "Bus error" in crash:
+                        cause += " (the buffer's file lost its backing: filesystem or memory full?)"
+                st = read_json(path) or {}
+                st.update(state="dead", death=cause, last_error=cause)
+                publish_json(path, st)
+            log.error("%s; starting it again", cause)
+            api = self.server.litapi_connector.lit_apis[0]
+            procs[idx] = self.server.launch_single_inference_worker(api, idx)
+            self.gen_restarts += 1
+
+
+def _watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event) -> None:
     """Console side of the main process: announce the URL (and write the ready file) once the HTTP
     processes answer, show a progress bar while the buffer fills to min_fill, then log a one-line
-    status every `server.status_interval_s`."""
+    status every `server.status_interval_s`; and run the supervisor's checks. A fatal finding stops the
+    server (exit status 1). Nothing here stops the server because requests are slow: overload is
+    answered by the HTTP layer (actdata.httpguard)."""
+    last_check = 0.0
     while not stop.is_set():
         try:
             with urllib.request.urlopen(url + "/", timeout=1.0) as r:
@@ -61,6 +148,9 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
                     break
         except OSError:
             pass
+        if time.time() - last_check > sup.interval:
+            last_check = time.time()
+            _guarded(sup.check)
         stop.wait(0.1)
     if stop.is_set():
         return
@@ -72,26 +162,26 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
         os.replace(tmp, cfg.server.ready_file)
     from .generator import read_statuses
 
-    tty, last_line, last_answer, last_reclaim = sys.stderr.isatty(), 0.0, time.time(), time.time()
-    while not stop.wait(0.5):
-        try:  # the HTTP processes are the product: if they are gone, stop the rest too
-            if time.time() - last_answer > 2.0:
-                with urllib.request.urlopen(url + "/", timeout=5.0):
-                    last_answer = time.time()
-        except OSError:
-            if time.time() - last_answer > 10:
-                log.error("the HTTP processes stopped answering on %s; shutting down", url)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-        buffer.sample_rates()  # published for every process's /stats
+    tty, last_line, last_reclaim = sys.stderr.isatty(), 0.0, time.time()
+    while not stop.wait(sup.interval):
+        _guarded(sup.check)
+        if sup.fatal:
+            log.critical("stopping: %s", sup.fatal)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _guarded(buffer.sample_rates)  # published for every process's /stats
         if time.time() - last_reclaim > 5.0:
             last_reclaim = time.time()
-            n = buffer.reclaim_orphans()
+            n = _guarded(buffer.reclaim_orphans)
             if n:
                 log.warning("freed %d rows claimed by a process that died mid-write or mid-read", n)
-        st = buffer.stats()
-        gens = " ".join(f"{g['name']}:{g['state']}" + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
-                        for g in read_statuses(buffer.spec))
+        try:
+            st = buffer.stats()
+            gens = " ".join(f"{g['name']}:{g['state']}" + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
+                            for g in read_statuses(buffer.spec))
+        except Exception as e:  # noqa: BLE001
+            log.error("status read failed: %s", e)
+            continue
         if not st["serving"]:
             target = max(1, int(st["min_fill"] * st["capacity"]))
             frac = min(1.0, st["ready"] / target)
@@ -111,16 +201,28 @@ def _watch(url: str, cfg: Config, buffer, stop: threading.Event) -> None:
             last_line = time.time()
 
 
+def _guarded(fn):
+    """Run one periodic job; an error is logged, never allowed to end the watch."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        log.error("%s failed: %s: %s", getattr(fn, "__name__", fn), type(e).__name__, e)
+        return None
+
+
 def serve(cfg: Config) -> None:
-    """Run the server until interrupted. Raises ConfigError / BufferSpaceError before allocating."""
+    """Run the server until interrupted. Raises ConfigError / BufferSpaceError before allocating, and
+    SystemExit(1) after a fatal stop (see Supervisor), so a service manager restarts it."""
     from .buffer import SharedActivationBuffer, SHM_DIR, reclaim_stale
-    from .logs import kill_descendants, setup_logging
+    from .httpguard import Limits, guarded_protocol
+    from .logs import kill_descendants, raise_open_file_limit, setup_logging
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
     from .position import check_state_dir
 
     state = check_state_dir(cfg)  # a one-line config error before anything is allocated
+    nofile, _ = raise_open_file_limit()
     shape = sample_shape(cfg)
     b = cfg.buffer
     backing = b.path or SHM_DIR
@@ -136,10 +238,12 @@ def serve(cfg: Config) -> None:
             log.warning("reclaimed %s left by a run that was killed", name)
 
     buffer = SharedActivationBuffer.create(b.size, shape, b.dtype, min_fill=b.min_fill, max_reads=b.max_reads,
-                                           path=b.path, prefix=b.prefix, provenance=cfg.generator.provenance)
+                                           path=b.path, prefix=b.prefix, provenance=cfg.generator.provenance,
+                                           reserve=b.reserve)
     if state:
         log.info("generator state (corpus positions, statistics) in %s", state)
     stop = threading.Event()
+    sup = None
     try:
         if b.warm_start:  # rows of an earlier run first: serving starts at once, generators take over
             from .replay import warm_start
@@ -155,11 +259,24 @@ def serve(cfg: Config) -> None:
         signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (a background job)
         metrics = ServingMetrics(buffer.spec.path + ".metrics", create=True)
         server = build_server(cfg, buffer, metrics, api_key)
+        sup = Supervisor(server, buffer)
         host = "127.0.0.1" if cfg.server.host == "0.0.0.0" else ("::1" if cfg.server.host == "::" else cfg.server.host)
         url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-        threading.Thread(target=_watch, args=(url, cfg, buffer, stop), daemon=True).start()
+        threading.Thread(target=_watch, args=(url, cfg, buffer, sup, stop), name="actdata-supervisor",
+                         daemon=True).start()
+        s = cfg.server
+        # each connection costs an HTTP process one descriptor: stay below the limit so accept() never fails
+        max_conn = s.max_connections or max(64, nofile - 128)
+        limits = Limits(max_header_bytes=s.max_header_bytes, header_timeout_s=s.header_timeout_s,
+                        max_connections=min(max_conn, max(64, nofile - 128)), max_inflight=s.max_inflight,
+                        send_timeout_s=s.send_timeout_s, retry_after_s=s.retry_after_s)
+        log.info("HTTP limits per process: %d connections, %d requests in flight, head <= %d bytes within "
+                 "%g s, send timeout %g s, responses <= %s", limits.max_connections, limits.max_inflight,
+                 limits.max_header_bytes, limits.header_timeout_s, limits.send_timeout_s,
+                 human_bytes(s.response_memory_bytes))
         server.run(host=cfg.server.host, port=port, num_api_servers=cfg.server.workers,
-                   generate_client_file=False, log_level=cfg.log_level.lower(), access_log=False)
+                   generate_client_file=False, log_level=cfg.log_level.lower(), access_log=False,
+                   http=guarded_protocol(limits), timeout_keep_alive=s.keep_alive_s, backlog=4096)
     except KeyboardInterrupt:
         pass
     finally:
@@ -175,6 +292,10 @@ def serve(cfg: Config) -> None:
                 os.unlink(cfg.server.ready_file)
             except OSError:
                 pass
+    log.info("stopped")
+    if sup is not None and sup.fatal:
+        log.critical("stopped after a fatal error: %s", sup.fatal)
+        raise SystemExit(1)
 
 
 class ServerProcess:
@@ -186,10 +307,11 @@ class ServerProcess:
     The port defaults to 0 (any free port); `url` is read from the server's ready file. `stop()` sends
     SIGTERM and waits; whatever is left of its process group after `timeout` is killed. With
     `die_with_parent`, the server is sent SIGTERM when the calling process dies (a Ray actor's server).
+    `wrapper`: a command prefix such as ["prlimit", "--nofile=1024:1024", "--"] or ["unshare", "--pid", "--fork", ...].
     """
 
     def __init__(self, overrides: list[str] = (), timeout: float = 180.0, env: Optional[dict] = None,
-                 log_path: Optional[str] = None, die_with_parent: bool = False):
+                 log_path: Optional[str] = None, die_with_parent: bool = False, wrapper: list[str] = ()):
         import subprocess
         import tempfile
 
@@ -205,7 +327,7 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         from .logs import die_with_parent as _pdeathsig  # imported before the fork: preexec_fn runs in the child
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, **(env or {})}, start_new_session=True,
                                      preexec_fn=_pdeathsig if die_with_parent else None)
@@ -240,6 +362,9 @@ class ServerProcess:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             code = None
+        deadline = time.time() + 2.0  # the resource tracker leaves by itself once the server is gone
+        while code is not None and time.time() < deadline and _group_alive(self.proc.pid):
+            time.sleep(0.02)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # anything of its group still alive
         except (ProcessLookupError, PermissionError):
@@ -256,7 +381,27 @@ class ServerProcess:
         self.stop()
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for entry in os.listdir("/proc"):  # zombies do not count
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+STOPPING = threading.Event()  # set once a stop was asked for: the supervisor restarts nothing after it
+
+
 def _interrupt(signum, frame):
+    STOPPING.set()
     raise KeyboardInterrupt
 
 
@@ -276,10 +421,23 @@ def _forked_child(buffer) -> None:
 
 
 def _prefault_when_serving(buffer) -> None:
-    """Map the buffer's pages once it serves (most rows written by then), not while it fills."""
+    """Map the buffer's pages once it serves (most rows written by then), not while it fills. Not for
+    a sparse buffer (buffer.reserve=false): on a tmpfs, reading a hole allocates it, which would spend
+    the space that its writers allocate slot by slot (and pause on when it runs out)."""
+    if not buffer.reserved:
+        return
     while not buffer.stats()["serving"]:
         time.sleep(0.5)
     buffer.prefault()
+
+
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown: everything was stopped and removed already, and the
+    teardown of the loaded native libraries took ~2 s of a model server's stop."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:
@@ -293,6 +451,9 @@ def main() -> None:
     def _main(node) -> None:
         try:
             serve(to_config(node))
+            _exit_now(0)
+        except SystemExit as e:
+            _exit_now(e.code if isinstance(e.code, int) else 1)
         except ConfigError as e:
             print(f"actdata: bad config: {e}", file=sys.stderr)
             sys.exit(2)
