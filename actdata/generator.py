@@ -366,7 +366,7 @@ def _head(provenance: Optional[dict], n: int) -> Optional[dict]:
 
 
 def _tail(provenance: Optional[dict], n: int) -> Optional[dict]:
-    return None if provenance is None or n == 0 else {k: v[n:] for k, v in provenance.items()}
+    return provenance if provenance is None or n == 0 else {k: v[n:] for k, v in provenance.items()}
 
 
 def _open_store_writer(cfg: Config, spec: BufferSpec, index: int, count: int, status: Status):

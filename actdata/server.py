@@ -265,6 +265,12 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
                  "sample_shape": list(spec.sample_shape), "dtype": spec.dtype, "min_fill": spec.min_fill,
                  "max_reads": spec.max_reads}
     NumSamples = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_rows})")
+    # the JSON route's own maximum is published in the schema; above it a 422 names server.max_json_bytes
+    NumSamplesJson = Query(1, ge=1, le=max_rows, description=f"rows to return (1..{max_json})",
+                           json_schema_extra={"maximum": max_json})
+    Provenance = Query(False, description="1 = rows + provenance as one safetensors body" + (
+        "" if spec.provenance else " (this server keeps none: start it with generator.provenance=true)"),
+                       json_schema_extra=None if spec.provenance else {"enum": [False]})
 
     def busy(nbytes: int) -> JSONResponse:
         return _error(503, f"server busy: {nbytes:,} more bytes of responses would exceed this process's "
@@ -343,8 +349,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
              response_class=Response,
              responses={200: {"content": {wire.MEDIA_TYPE: {}, wire.SAFETENSORS_MEDIA_TYPE: {}}},
                         **_BAD_INPUT, **_NOT_READY})
-    async def activations_tensor(num_samples: int = NumSamples,
-                                 provenance: bool = Query(False, description="1 = rows + provenance as safetensors")):
+    async def activations_tensor(num_samples: int = NumSamples, provenance: bool = Provenance):
         if provenance and not spec.provenance:
             return _error(422, no_provenance)
         cost = 2 * num_samples * (spec.row_bytes + (16 if provenance else 0))
@@ -380,7 +385,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
              description=f"At most {max_json} rows: the JSON text of one answer stays within "
                          f"server.max_json_bytes = {cfg.server.max_json_bytes:,} bytes.",
              responses={**_BAD_INPUT, **_NOT_READY})
-    def activations_json(num_samples: int = NumSamples):
+    def activations_json(num_samples: int = NumSamplesJson):
         prov = None
         if num_samples > max_json:
             return _error(422, f"num_samples: at most {max_json} rows as JSON (server.max_json_bytes="

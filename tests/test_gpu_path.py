@@ -153,14 +153,16 @@ def test_restart_frees_the_old_source_before_building_the_new_one(monkeypatch):
     _Failing.made = []
     built = []
 
-    def make(cfg, spec_, device, index):
+    def make(cfg, spec_, device, index, *resume):
         s = _Failing((16,), "boom")
         built.append(s.alive_at_build)
         return s
 
     monkeypatch.setattr(gen, "make_source", make)
     stop = threading.Event()
-    t = threading.Thread(target=gen.run_supervised, args=(Config(), spec, "cpu", 0, stop),
+    cfg = Config()
+    cfg.generator.state_dir = None  # no saved position: this test is about freeing sources
+    t = threading.Thread(target=gen.run_supervised, args=(cfg, spec, "cpu", 0, stop),
                          kwargs={"max_backoff_s": 0.01}, daemon=True)
     t.start()
     try:
@@ -190,7 +192,9 @@ class Poisoned:
 
 gen.make_source = lambda *a: Poisoned()
 spec = BufferSpec(sys.argv[1], 100, (16,), "float32")
-gen.run_supervised(Config(), spec, "cpu", 0, threading.Event())
+cfg = Config()
+cfg.generator.state_dir = None
+gen.run_supervised(cfg, spec, "cpu", 0, threading.Event())
 print("returned instead of exiting")
 """
 

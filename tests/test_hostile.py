@@ -98,11 +98,12 @@ def test_killed_http_processes_are_replaced_and_counted(start_server):
     assert "HTTP process" in srv.log_tail() and "SIGKILL" in srv.log_tail()
 
 
-def test_no_row_served_twice_across_a_generator_kill(start_server):
+def test_no_row_served_twice_across_a_generator_kill(start_server, tmp_path):
     """Serve-once (max_reads=1) holds across kill -9 of the generator: the restarted source resumes
     where the killed one was (the resumable position of the issue "Rows that know their origin");
     without it the synthetic source starts its ids again and rows are served twice."""
-    srv = start_server("buffer.size=2000", "buffer.min_fill=0.5", "buffer.max_reads=1")
+    srv = start_server("buffer.size=2000", "buffer.min_fill=0.5", "buffer.max_reads=1",
+                       f"generator.state_dir={tmp_path}")
     wait_for(lambda: ready(srv.url))
     seen = []
 

@@ -222,6 +222,9 @@ def test_killed_worker_and_restarted_server_never_reissue_an_id(start_server, tm
         c = ActivationClient(srv.url, retry_for_s=120)
         assert c.wait_for_data(512, timeout=120)
         if run == 1:  # the statistics were saved with the state: they count run 0's last worker's rows too
+            deadline = time.time() + 30  # (published every 2 s: the rows of this run may not be in yet)
+            while c.get_statistics()["count"] < 512 + 512 and time.time() < deadline:
+                time.sleep(0.2)
             assert c.get_statistics()["count"] >= 512 + 512
         x, _ = c.get_activations_tensor(512)
         ids.append(row_ids(x).tolist())
