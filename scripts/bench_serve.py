@@ -241,13 +241,16 @@ def main() -> None:
     with ServerProcess([*common, "buffer.size=100000", f"buffer.activation_dim={dim}"]) as srv:
         wait_full(srv.url)
         url = srv.url
-        # baseline 1: the seed's JSON route
+        # baseline 1: the seed's JSON route (at most server.max_samples_json rows per answer)
+        kj = min(k, requests.get(f"{url}/stats").json()["server"]["max_samples_json"])
+
         def json_call():
-            d = requests.get(f"{url}/activations", params={"num_samples": k}).json()
-            torch.tensor(d["activations"], dtype=torch.float32)
+            r = requests.get(f"{url}/activations", params={"num_samples": kj})
+            r.raise_for_status()
+            torch.tensor(r.json()["activations"], dtype=torch.float32)
         if not a.forms_only:
-            g = rate(json_call, nbytes, 1, max(2, reps // 2))
-            rows_out.append(("baseline: JSON route (requests)", g, g * 1e9 / (dim * 4)))
+            g = rate(json_call, kj * dim * 4, 1, max(2, reps // 2))
+            rows_out.append((f"baseline: JSON route (requests, {kj} rows)", g, g * 1e9 / (dim * 4)))
             print(rows_out[-1], flush=True)
         # actdata: one client, raw tensor route via the dataset's reader (no DataLoader)
         limits.sample()
