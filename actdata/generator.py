@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import traceback
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,10 @@ import torch
 from .buffer import BufferSpaceError, BufferSpec, SharedActivationBuffer, pid_alive
 from .logs import publish_json, read_json
 from . import wire
-from .config import Config, synthetic_shape
+from .config import Config
+
+if TYPE_CHECKING:
+    from .stats import RunningStats
 
 log = logging.getLogger("actdata.generator")
 POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure has made unusable

@@ -355,31 +355,24 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         cost = 2 * num_samples * (spec.row_bytes + (16 if provenance else 0))
         if not budget.take(cost):
             return busy(cost)
-        if provenance:
-            try:
-                body = provenance_body(num_samples)
-            except NotReady as e:
-                budget.give(cost)
-                return not_ready(e)
-            except BaseException:
-                budget.give(cost)
-                raise
-            view = body.numpy().data
-            prov_pool.lend(body, view)
-            return _BudgetedResponse(content=view, media_type=wire.SAFETENSORS_MEDIA_TYPE, budget=budget, cost=cost,
-                                     headers={wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"})
         try:
-            out = pool.get(num_samples)
-            _, rows = buffer.read(num_samples, out=out)
-            body, headers = wire.encode(rows)
+            if provenance:  # one safetensors body: rows and provenance gathered into place
+                t = provenance_body(num_samples)
+                body, media = t.numpy().data, wire.SAFETENSORS_MEDIA_TYPE
+                headers = {wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"}
+                prov_pool.lend(t, body)
+            else:
+                t = pool.get(num_samples)
+                _, rows = buffer.read(num_samples, out=t)
+                (body, headers), media = wire.encode(rows), wire.MEDIA_TYPE
+                pool.lend(t, body)
         except NotReady as e:
             budget.give(cost)
             return not_ready(e)
         except BaseException:
             budget.give(cost)
             raise
-        pool.lend(out, body)
-        return _BudgetedResponse(content=body, media_type=wire.MEDIA_TYPE, headers=headers, budget=budget, cost=cost)
+        return _BudgetedResponse(content=body, media_type=media, headers=headers, budget=budget, cost=cost)
 
     @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)",
              description=f"At most {max_json} rows: the JSON text of one answer stays within "

@@ -26,17 +26,9 @@ import time
 import torch
 
 from actdata.buffer import SharedActivationBuffer
+from bench_serve import memcpy_gbps  # the limit, measured the same way as in every bench script
 
 
-def memcpy_gbs(size: int = 256 << 20, reps: int = 7) -> float:
-    src = torch.empty(size, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        dst.copy_(src)
-        ts.append(time.perf_counter() - t)
-    return size / statistics.median(ts) / 1e9
 
 
 def fill(buf: SharedActivationBuffer, rows: torch.Tensor) -> float:
@@ -61,7 +53,7 @@ def main():
     rows = torch.randn(args.batch, args.dim)
     gb = args.rows * args.dim * 4 / 1e9
     load0 = os.getloadavg()[0]
-    limit = memcpy_gbs()
+    limit = memcpy_gbps()
     r = {k: [] for k in ("create_small", "create", "touched", "fresh", "populated", "head", "after", "populate")}
     for _ in range(args.reps):
         t0 = time.perf_counter()

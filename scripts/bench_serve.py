@@ -19,7 +19,6 @@ not the synthetic writer, is what is measured. One row measures serve-once with 
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import socket
 import statistics
@@ -31,7 +30,6 @@ import time
 import requests
 import torch
 
-from actdata import wire
 from actdata.client import ActivationClient
 from actdata.dataset import RemoteActivationDataset
 from actdata.serve import ServerProcess

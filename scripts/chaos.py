@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from actdata import wire  # noqa: E402
 from actdata.serve import ServerProcess  # noqa: E402
 from actdata.synthetic import verify_rows  # noqa: E402
-from load_test import rss_mb  # noqa: E402
+from load_test import rss_mb, server_pids  # noqa: E402
 
 SYN = ["+preset=test", "generator.source=synthetic"]
 RESULTS: list[tuple[str, str, str, bool]] = []  # (check, measured, bound, ok)
@@ -548,12 +548,12 @@ def r10(cycles: int) -> None:
         if i % 2:  # every other cycle: stop once the model is loaded and rows flow
             wait_for(lambda: gen_status(srv.url)["state"] == "running", 60)
         pgid = srv.proc.pid
-        ours |= _mapped_sems(_group(pgid))  # the semaphores this server's processes have open
+        ours |= _mapped_sems(server_pids(pgid))  # the semaphores this server's processes have open
         t0 = time.time()
         srv.stop()
         stops.append(time.time() - t0)
         left_files += [n for n in os.listdir("/dev/shm") if n.startswith(f"chaosr10-{os.getpid()}")]
-        left_procs += _group(pgid)
+        left_procs += server_pids(pgid)
     time.sleep(1)
     left_sems = ours & set(os.listdir("/dev/shm"))
     record("R10 files left in /dev/shm", f"{len(left_files)} buffer files, {len(left_sems)} of the {len(ours)} "
@@ -575,18 +575,6 @@ def _mapped_sems(pids) -> set:
     return out
 
 
-def _group(pgid: int) -> list[int]:
-    out = []
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                with open(f"/proc/{e}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    out.append(int(e))
-            except OSError:
-                pass
-    return out
 
 
 def main() -> int:

@@ -2,7 +2,6 @@
 the same-host path, resuming a StatefulDataLoader, a client without the server stack, and a client that
 does not trust the server's headers. Real servers on loopback (synthetic rows)."""
 import http.server
-import os
 import re
 import subprocess
 import sys

@@ -1,6 +1,4 @@
 """The server as a user meets it: `python -m actdata.serve` in a subprocess, real HTTP on loopback."""
-import http.client
-import json
 import os
 import signal
 import time
