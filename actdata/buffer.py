@@ -28,7 +28,7 @@ tail. Nothing touches the data pages on creation, so start-up time does not depe
 
 Populating. A write into a never-touched page pays a page fault (allocate, zero, map): a first fill ran
 ~40x slower than a refill. `populate_in_background` (the generator calls it as it attaches, before its
-model has loaded) allocates and maps the rows ahead of the writer in a daemon thread, in chunks, so
+model has loaded, when the buffer's space was reserved: a sparse buffer allocates slot by slot instead) allocates and maps the rows ahead of the writer in a daemon thread, in chunks, so
 start-up does not wait for it: MADV_HUGEPAGE first (2 MB pages where the backing allows them: tmpfs
 with transparent huge pages on `advise`; hugetlbfs pages are huge already), then MADV_POPULATE_WRITE
 per chunk (Linux >= 5.14; contents untouched, safe beside a writer). A buffer file on a disk is only

@@ -258,7 +258,8 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
         status.update(force=True, state="failed", last_error=f"cannot start: {type(e).__name__}: {e}")
         raise
     status.update(force=True, position=progress.position())
-    buffer.populate_in_background(stop)  # map the rows ahead of this writer while the model loads
+    if buffer.reserved:  # map the rows ahead of this writer while the model loads; a sparse buffer
+        buffer.populate_in_background(stop)  # (buffer.reserve=false) allocates slot by slot as it writes
     store = _open_store_writer(cfg, spec, index, count, status)  # None unless store.write
     try:
         _loop(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, name, status, buffer,

@@ -45,7 +45,7 @@ from .metrics import MetricsMiddleware, ServingMetrics
 from .metrics import render as render_metrics
 
 log = logging.getLogger("actdata.server")
-STOP_GRACE_S = 1.5  # a generator worker told to stop leaves after at most this long (see GeneratorWorker.setup)
+STOP_GRACE_S = 0.5  # a generator worker told to stop leaves after at most this long (see GeneratorWorker.setup)
 
 
 class GeneratorWorker(ls.LitAPI):
