@@ -404,7 +404,7 @@ class SharedActivationBuffer:
             os.ftruncate(fd, spec.nbytes)  # sparse: no page is touched until written
             # allocate now: the header and index arrays always (every claim writes them), the rows too when
             # `reserve`; a full filesystem then refuses the start instead of a SIGBUS later
-            _reserve(fd, 0, spec.nbytes if reserve else index_bytes(spec.capacity), file_path)
+            _reserve(fd, 0, spec.nbytes if reserve else index_bytes(spec.capacity, spec.provenance), file_path)
             mm = mmap.mmap(fd, spec.nbytes)
         except BaseException:
             os.close(fd)
@@ -648,7 +648,7 @@ class SharedActivationBuffer:
         start, end = self._data_range()
         fs = backing_fs(self.spec.path)
         if fs not in ("tmpfs", "hugetlbfs", "shm"):  # a disk: reserve the blocks, leave the page cache alone
-            return self._reserve(stop, chunk_bytes, part, parts)
+            return self._fallocate_rows(stop, chunk_bytes, part, parts)
         libc = ctypes.CDLL(None, use_errno=True)
         if fs != "hugetlbfs" and part == 0:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)  # EINVAL: small pages
@@ -674,7 +674,7 @@ class SharedActivationBuffer:
                 os.close(fd)
         return done
 
-    def _reserve(self, stop, chunk_bytes: int, part: int, parts: int) -> int:
+    def _fallocate_rows(self, stop, chunk_bytes: int, part: int, parts: int) -> int:
         lay = _layout(self.spec.capacity, self.spec.row_bytes)
         done = 0
         fd = os.open(self.spec.path, os.O_RDWR)

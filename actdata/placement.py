@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .buffer import mem_available
 from .config import DTYPE_BYTES, Config, ConfigError, human_bytes
 
 log = logging.getLogger("actdata.placement")
@@ -128,17 +129,6 @@ def _block_index(param_name: str) -> Optional[int]:
     return None
 
 
-def host_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_fits(mem: Memory, device: torch.device) -> None:
     """Raise ConfigError, with the numbers, when `mem` cannot fit on `device` / in the host's memory."""
     if device.type == "cuda":
@@ -150,7 +140,7 @@ def check_fits(mem: Memory, device: torch.device) -> None:
                 f"{human_bytes(mem.rows)}) but only {human_bytes(free)} of {human_bytes(total)} is free; "
                 "lower generator.batch_size or generator.context_length, capture earlier layers, or use "
                 "model.dtype=bfloat16")
-    avail = host_available()
+    avail = mem_available()
     if avail is not None and mem.pinned > avail:
         raise ConfigError(
             f"generator.batch_size: the staging buffers need {human_bytes(mem.pinned)} of pinned host memory "
