@@ -29,8 +29,9 @@ The fast paths: on the server's own host (its buffer file opens, see actdata.loc
 the shared buffer and gathered straight into the batch; `local=False` forces HTTP, and anything unusual
 falls back to HTTP with one log line. Over HTTP each shard holds one keep-alive `http.client` connection
 (`actdata.client.TensorReader`) and reads a response body with `readinto` straight into the batch. Inside
-a DataLoader worker the batch is allocated in shared memory, so handing it to the main process costs no
-further copy. Connections and attached buffers are made inside the worker on first use; the dataset object
+a DataLoader worker the batch is read into shared memory that the main process maps once and the worker
+reuses once the main process has dropped the batch (actdata.batches), so handing it over costs neither a
+copy nor fresh memory. Connections and attached buffers are made inside the worker on first use; the dataset object
 holds only strings and numbers and pickles cleanly.
 
 Resuming: `state_dict()` / `load_state_dict()` (torchdata's StatefulDataLoader calls them per worker) keep
@@ -46,9 +47,7 @@ A 4xx (e.g. a wrong API key) raises `ActivationServerError` at once.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
-import math
 import os
 import sys
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -63,6 +62,7 @@ except ImportError:  # pragma: no cover - a torch that moved it
     _BaseDatasetFetcher = None
 
 from . import wire
+from .batches import worker_pool
 from .client import ActivationClient, ProvenanceBatch, RetryPolicy, TensorReader, resolve_api_key, resolve_url
 
 log = logging.getLogger("actdata.dataset")
@@ -82,36 +82,6 @@ def split_evenly(total: Optional[int], parts: int, index: int) -> Optional[int]:
     if total is None:
         return None
     return total // parts + (1 if index < total % parts else 0)
-
-
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-_libc = None
-
-
-def _populate(t: torch.Tensor) -> None:
-    """Fault in a fresh shared tensor's pages in one system call (best effort). Touching 12.6 MB of new
-    shared memory page by page costs ~8 ms of page faults during the socket read; populated in advance,
-    ~3 ms (measured on the 2-core machine)."""
-    global _libc
-    nbytes = t.numel() * t.element_size()
-    if nbytes < (1 << 20) or not sys.platform.startswith("linux"):
-        return
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        start = t.data_ptr() & ~4095
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + nbytes - start), _MADV_POPULATE_WRITE)
-    except (OSError, AttributeError):  # an older kernel answers EINVAL, which is fine: pages fault in lazily
-        pass
-
-
-def shared_empty(shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised tensor whose storage is in shared memory (populated), so that a DataLoader worker
-    hands it to the main process without the copy into shared memory the worker queue would make."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    t = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, shape)
-    _populate(t)
-    return t
 
 
 def resolve_urls(url_or_urls: Union[None, str, Sequence[str]]) -> list[str]:
@@ -247,10 +217,10 @@ class _Stream:
             self.rows += n
             self.batches += 1
             return b._replace(activations=b.activations.to(self.ds.dtype)) if convert else b
-        empty = shared_empty if self.in_worker and not convert else torch.empty
+        empty = worker_pool().empty if self.in_worker and not convert else torch.empty
         x = source.read(n, empty)
         if convert:
-            x = shared_empty(tuple(x.shape), self.ds.dtype).copy_(x) if self.in_worker else x.to(self.ds.dtype)
+            x = worker_pool().empty(tuple(x.shape), self.ds.dtype).copy_(x) if self.in_worker else x.to(self.ds.dtype)
         self.rows += n
         self.batches += 1
         return x
