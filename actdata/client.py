@@ -28,6 +28,7 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import urllib.parse
 from typing import Callable, Mapping, NamedTuple, Optional
@@ -107,8 +108,10 @@ class RetryPolicy:
     `ServerUnavailable` is raised. Other exceptions pass through at once.
     """
 
-    def __init__(self, retry_for_s: float = 60.0, backoff: float = 0.1, max_backoff: float = 5.0):
+    def __init__(self, retry_for_s: float = 60.0, backoff: float = 0.1, max_backoff: float = 5.0,
+                 stop: Optional[threading.Event] = None):
         self.retry_for_s, self.backoff, self.max_backoff = float(retry_for_s), float(backoff), float(max_backoff)
+        self.stop = stop  # once set, a failure is final (the reader is being closed)
 
     def run(self, attempt_fn: Callable, url: str, what: str):
         first_failure, n = None, 0
@@ -119,6 +122,8 @@ class RetryPolicy:
                 now = time.monotonic()
                 first_failure = first_failure if first_failure is not None else now
                 left = self.retry_for_s - (now - first_failure)
+                if self.stop is not None and self.stop.is_set():
+                    left = 0
                 if left <= 0:
                     raise ServerUnavailable(
                         f"{what} {url}: gave up after {now - first_failure:.1f} s of retries "
@@ -126,7 +131,10 @@ class RetryPolicy:
                         url=url, status=e.status, detail=e.reason) from None
                 wait = e.retry_after if e.retry_after is not None else \
                     min(self.max_backoff, self.backoff * 2 ** n) * random.uniform(0.8, 1.2)
-                time.sleep(min(wait, left))
+                if self.stop is not None:
+                    self.stop.wait(min(wait, left))
+                else:
+                    time.sleep(min(wait, left))
                 n += 1
 
 
@@ -183,6 +191,15 @@ class TensorReader:
             self._conn.close()
             self._conn = None
 
+    def abort(self) -> None:
+        """Wake a read blocked in another thread: shut the socket down (closing it would not wake it)."""
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _connect(self) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=self.timeout)
@@ -223,7 +240,8 @@ class TensorReader:
                 body = resp.read()
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                if reused and not fresh_retry and not isinstance(e, TimeoutError):
+                stopping = self.retry.stop is not None and self.retry.stop.is_set()
+                if reused and not fresh_retry and not isinstance(e, TimeoutError) and not stopping:
                     continue  # an idle keep-alive connection closed by the server: retry at once
                 raise _Transient(f"{type(e).__name__}: {e}") from None
             if resp.will_close:

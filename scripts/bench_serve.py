@@ -11,6 +11,8 @@ Rows of the table (GB/s of tensor bytes delivered, samples/s, ratio to the loopb
               batches), `DataLoader(ds)` (the DataLoader's default batch_size=1) and `batch_size=4096`, each
               also as a ratio to the `batch_size=None` form; the same-host path (no HTTP) as a ratio to
               memcpy; for 4096 x 768 float32 and the CLT shape 4096 x [2,12,768] float16.
+  overlap     `DataLoader(ds)` with no workers in a loop whose step waits 8 ms (a GPU step): the loop's
+              time per batch / (fetch alone + step); the main process reads the next batch meanwhile.
 The limits are noisy on a shared machine: loopback TCP and memcpy are measured again before each actdata
 row (interleaved), and the table gives their median and spread (min-max) over all those runs.
 The synthetic source fills the buffer; rows are reused (buffer.max_reads large) so that the data plane,
@@ -156,6 +158,28 @@ def paired_rates(url: str, batch: int, workers: int, batches: int, reps: int, co
     return [statistics.median(p) for p in per], ratios
 
 
+def overlap_rates(url: str, batch: int, batches: int, step_s: float) -> tuple[float, float, float]:
+    """`DataLoader(ds)` with num_workers=0 in a training loop whose step takes `step_s` seconds without the
+    CPU (a GPU step: the loop waits, as on a CUDA sync). Returns (seconds per batch of fetching alone, of the
+    loop, the loop's time / (fetch + step)): 1.0 = no overlap, max(fetch, step) / (fetch + step) = the read
+    ahead hides all of the shorter one."""
+    ds = RemoteActivationDataset(url, batch_size=batch, local=False)
+    it = iter(torch.utils.data.DataLoader(ds))
+    for _ in range(3):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    fetch = (time.perf_counter() - t) / batches
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+        time.sleep(step_s)
+    loop = (time.perf_counter() - t) / batches
+    del it
+    return fetch, loop, loop / (fetch + step_s)
+
+
 class Limits:
     """Loopback TCP and memcpy, measured again whenever `sample()` is called (between the rows compared)."""
 
@@ -269,6 +293,12 @@ def main() -> None:
                 elif form != "batch_size=None":
                     ratios.append((f"{form} / batch_size=None, {ws} (median of paired reps)", r))
                 print(rows_out[-1], f"{r:.2f} x batch_size=None", flush=True)
+
+        # num_workers=0 in a training loop: the next batch is read while the step runs (actdata.dataset)
+        fetch, loop, frac = overlap_rates(url, k, batches * 2, step_s=0.008)
+        ratios.append((f"0 workers, 8 ms step: loop / (fetch {fetch * 1e3:.1f} + step 8 ms)", frac))
+        print(f"DataLoader(ds), 0 workers, 8 ms step: loop {loop * 1e3:.1f} ms/batch, fetch alone {fetch * 1e3:.1f} "
+              f"ms: {frac:.2f} x (fetch + step); full overlap = {max(fetch, 0.008) / (fetch + 0.008):.2f}", flush=True)
 
     import io
 

@@ -2,6 +2,7 @@
 the same-host path, resuming a StatefulDataLoader, a client without the server stack, and a client that
 does not trust the server's headers. Real servers on loopback (synthetic rows)."""
 import http.server
+import json
 import re
 import subprocess
 import sys
@@ -273,6 +274,77 @@ def test_bad_headers_are_refused_before_allocating(mode, words):
         with pytest.raises(ActivationServerError) as e:
             reader.fetch(4, empty=lambda shape, dtype: allocated.append(shape) or torch.empty(shape, dtype=dtype))
         assert words in str(e.value) and e.value.status == 200 and allocated == []
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# -- reading ahead in the main process ---------------------------------------------------------------------
+def _read_ahead_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "actdata-read-ahead"]
+
+
+def test_main_process_reads_the_next_batch_while_the_trainer_works(server):
+    """num_workers=0: while the loop holds batch 1, batch 2 is already requested (one request each, never
+    past the budget), and stopping early leaves no thread behind."""
+    before = tensor_requests(server.url)
+    it = iter(DataLoader(RemoteActivationDataset(server.url, batch_size=100, max_batches=3, local=False),
+                         batch_size=None))
+    assert next(it).shape == (100, 768)
+    deadline = time.monotonic() + 30
+    while tensor_requests(server.url) - before < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tensor_requests(server.url) - before == 2  # batch 2 read ahead, nothing more
+    assert [x.shape for x in it] == [(100, 768)] * 2
+    assert tensor_requests(server.url) - before == 3  # the budget's 3 batches, not a 4th read ahead
+    assert _read_ahead_threads() == []
+
+    it = iter(RemoteActivationDataset(server.url, batch_size=100, local=False))
+    next(it)
+    it.close()  # the loop stops with a batch being read ahead: waited for, then the thread ends
+    deadline = time.monotonic() + 10
+    while _read_ahead_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _read_ahead_threads() == []
+
+
+class _SilentAfterOneHandler(http.server.BaseHTTPRequestHandler):
+    """A server that answers /stats and one batch, then accepts requests and never answers."""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if not self.path.startswith("/activations/tensor"):  # GET / (is it a directory?) and /stats
+            body = json.dumps({"sample_shape": [4], "dtype": "float32", "capacity": 100,
+                               "server": {"max_samples_per_request": 100}}).encode()
+            headers = {"Content-Type": "application/json"}
+        else:
+            self.server.tensor_requests += 1
+            if self.server.tensor_requests > 1:
+                time.sleep(60)
+                return
+            body, headers = b"\0" * 64, {"X-Tensor-Shape": "4,4", "X-Tensor-Dtype": "float32"}
+        self.send_response(200)
+        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_stopping_while_a_read_ahead_hangs_returns():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SilentAfterOneHandler)
+    srv.tensor_requests, srv.daemon_threads = 0, True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        it = iter(RemoteActivationDataset(f"http://127.0.0.1:{srv.server_address[1]}", batch_size=4,
+                                          local=False, timeout=60, retry_for_s=60))
+        assert next(it).shape == (4, 4)
+        closing = threading.Thread(target=it.close)  # batch 2 hangs on the server: the read is woken
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive() and srv.tensor_requests == 2
     finally:
         srv.shutdown()
         srv.server_close()
