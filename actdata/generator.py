@@ -55,7 +55,7 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: i
     if cfg.generator.source == "store":  # replay: no model, no tokenizer (actdata/replay.py)
         from .replay import make_store_source
 
-        return make_store_source(cfg, index, count)
+        return make_store_source(cfg, index, count, start)
     if cfg.generator.source == "synthetic":
         from .synthetic import SyntheticSource
 

@@ -8,18 +8,21 @@ nothing is kept and every start reads its share from the beginning):
                                          "next_id", "contexts", "tokens", "rows", "saved_at"}
     gen-<g>-of-<G>.stats.safetensors    RunningStats.tensors() of every row the generator wrote
 
-`position` is the model source's stream position (see actdata.text: pass, documents, offset) right after
-the last batch handed to the buffer; `next_context` is its context counter (the low 40 bits of the context
-ids); `next_id` is the synthetic source's next row id. The JSON file is written (temp file + rename, so a
-reader sees the old or the new file, never half of one) BEFORE the batch is committed to the buffer, so
-a generator killed at any moment restarts after every row that reached the buffer: it may lose the batch
-in flight, never repeat one. The statistics are saved at most every `STATS_EVERY_S` seconds and when the
-generator stops, so after a kill they may miss the last few seconds of rows.
+`position` is the source's position right after the last batch handed to the buffer: the model source's
+place in its text stream (actdata.text: pass, documents, offset), the replay source's place in its store
+(actdata.replay: pass, shard index in the pass's order, row); `next_context` is the context counter (the
+low 40 bits of the context ids); `next_id` is the synthetic source's next row id. The JSON file is written
+(temp file + rename, so a reader sees the old or the new file, never half of one) BEFORE the batch is
+committed to the buffer, so a generator killed at any moment restarts after every row that reached the
+buffer: it may lose the batch in flight, never repeat one. The statistics are saved at most every
+`STATS_EVERY_S` seconds and when the generator stops, so after a kill they may miss the last few seconds
+of rows.
 
 `identity` names what the position belongs to: model (name, revision, dtype), dataset (name, config,
 split, column, seed, streaming, shuffle buffer), sites, layers, squeeze, context length, drop rules, source,
-node_rank/num_nodes, buffer.dtype (the statistics are of the rows as stored) and the synthetic row shape. A state file whose identity differs from the config (or that cannot be parsed)
-is ignored with a log line naming it, and the generator starts fresh.
+node_rank/num_nodes, buffer.dtype (the statistics are of the rows as stored), the synthetic row shape, and
+for a replay the store (path, column, seed). A state file whose identity differs from the config (or that
+cannot be parsed) is ignored with a log line naming it, and the generator starts fresh.
 """
 from __future__ import annotations
 
@@ -45,6 +48,9 @@ def identity(cfg: Config) -> dict:
         from .config import synthetic_shape
 
         ident["shape"] = list(synthetic_shape(cfg))
+    elif g.source == "store":
+        path = cfg.store.path or ""
+        ident["store"] = [path if "://" in path else os.path.abspath(path), cfg.store.column, cfg.store.seed]
     else:
         ident.update({"model": [m.name, m.revision, m.dtype],
                       "dataset": [d.name, d.config, d.split, d.text_column, d.seed, d.streaming, d.shuffle_buffer],

@@ -3,7 +3,9 @@
 `StoreSource` is the generator's source for `generator.source=store`: generator g of G takes every G-th
 shard (sorted by name), shuffles its shards per pass with (store.seed, pass), and yields each shard's
 rows in batches straight from a memory map of the file (no copy until the buffer's own write), with
-origin and, when the shard has them, provenance arrays in info["provenance"]. Each shard's CRC-32 is
+origin and, when the shard has them, provenance arrays in info["provenance"]. Each batch carries its
+position (pass, shard index in the pass's order, row after it), which the generator saves like a model
+source's (actdata.position): a restarted server continues the replay pass where it stopped. Each shard's CRC-32 is
 checked by a prefetch thread the first time this process uses it, while the previous shard is served
 (so a cold shard is read from disk ahead of use; shards are immutable, so later passes trust it and only
 hint read-ahead): a shard that fails is logged, skipped for good, counted in the status, and none of its
@@ -122,8 +124,9 @@ class StoreSource:
     """Generator g of G replaying its share of a store; see the module docstring."""
 
     def __init__(self, store: Store, g: int = 0, G: int = 1, seed: int = 0, passes: Optional[int] = None,
-                 batch_rows: Optional[int] = None, idle: bool = True):
+                 batch_rows: Optional[int] = None, idle: bool = True, start: Optional[dict] = None):
         self.idle = idle
+        self.start = _start_position(start)
         self.store, self.g, self.G, self.seed, self.passes = store, g, G, seed, passes
         rb = int(np.prod(store.sample_shape)) * torch.empty(0, dtype=TORCH_DTYPES[store.dtype]).element_size()
         self.batch_rows = batch_rows or max(1, BATCH_BYTES // rb)
@@ -171,17 +174,18 @@ class StoreSource:
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="actdata-replay-prefetch")
-        p = 0
+        p0, i0, r0 = self.start
+        p = p0 - 1
         while self.mine and (self.passes is None or p < self.passes):
             p += 1
             self.st["pass"] = p
             order = [self.mine[j] for j in np.random.default_rng([self.seed, p, self.g]).permutation(len(self.mine))]
-            order = [sh for sh in order if sh.file not in self.bad]
-            ahead = pool.submit(self._check, order[0]) if order else None
-            for i, shard in enumerate(order):
+            todo = [(i, sh) for i, sh in enumerate(order) if sh.file not in self.bad and (p > p0 or i >= i0)]
+            ahead = pool.submit(self._check, todo[0][1]) if todo else None
+            for t, (i, shard) in enumerate(todo):
                 self.st["shard_in_pass"] = i + 1
                 err = ahead.result()
-                ahead = pool.submit(self._check, order[i + 1]) if i + 1 < len(order) else None
+                ahead = pool.submit(self._check, todo[t + 1][1]) if t + 1 < len(todo) else None
                 try:
                     if err:
                         raise StoreError(err)
@@ -193,9 +197,10 @@ class StoreSource:
                     continue
                 if origin is None:
                     origin = np.full(len(rows), -1, np.int64)
-                for a in range(0, len(rows), self.batch_rows):
+                for a in range(r0 if (p, i) == (p0, i0) else 0, len(rows), self.batch_rows):
                     b = min(a + self.batch_rows, len(rows))
-                    info = {"contexts": 0, "tokens": 0, "corpus_passes": p - 1, "store": self.status(b - a)}
+                    info = {"contexts": 0, "tokens": 0, "corpus_passes": p - 1, "store": self.status(b - a),
+                            "position": {"pass": p, "shard": i, "row": b}}  # right after this batch
                     if prov is not None:
                         info["provenance"] = {k: v[a:b] for k, v in prov.items()}
                     yield rows[a:b], origin[a:b], info
@@ -213,10 +218,25 @@ class StoreSource:
         return dict(self.st)
 
 
-def make_store_source(cfg, g: int, G: int) -> StoreSource:
-    """The replay source of generator g of G (the global numbering): it reads shards i % G == g."""
+def _start_position(start: Optional[dict]) -> tuple[int, int, int]:
+    """(pass, shard index in that pass's order, row in that shard) to continue from: a saved position
+    (generator.state_dir, actdata.position) or the beginning (1, 0, 0)."""
+    pos = (start or {}).get("position")
+    try:
+        p, i, r = int(pos["pass"]), int(pos["shard"]), int(pos["row"])
+    except (TypeError, KeyError, ValueError):
+        return 1, 0, 0
+    if min(p - 1, i, r) < 0:
+        return 1, 0, 0
+    log.info("replay: continuing at pass %d, shard %d of the pass, row %d", p, i + 1, r)
+    return p, i, r
+
+
+def make_store_source(cfg, g: int, G: int, start: Optional[dict] = None) -> StoreSource:
+    """The replay source of generator g of G (the global numbering): it reads shards i % G == g, from the
+    saved position `start` when there is one."""
     store = open_store(cfg.store.path, "store.path", cfg.store.column)
-    return StoreSource(store, g, G, cfg.store.seed, cfg.store.passes)
+    return StoreSource(store, g, G, cfg.store.seed, cfg.store.passes, start=start)
 
 
 def warm_start(buffer, path: str, seed: int = 0, column: Optional[str] = None) -> int:
