@@ -118,15 +118,18 @@ class BatchPool:
     def __init__(self, max_slots: int = 6, max_bytes: int = 1 << 30):
         self.max_slots, self.max_bytes = max_slots, max_bytes
         self.slots: list[_Slot] = []
+        self._lock = threading.Lock()
         self.usable = sys.platform.startswith("linux") and hasattr(os, "memfd_create")
 
     def empty(self, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
-        slot = self._slot(nbytes) if nbytes and self.usable else None
+        with self._lock:  # read-ahead threads of a worker (actdata.dataset) ask at once
+            slot = self._slot(nbytes) if nbytes and self.usable else None
+            if slot is not None:
+                slot.worker_holds = True
         if slot is None:
             return shared_empty(shape, dtype)
         arr = np.frombuffer(slot.mm, dtype=np.uint8, count=nbytes, offset=HEADER)
-        slot.worker_holds = True
         weakref.finalize(arr, slot._dropped)  # the storage made from arr keeps it alive: runs when all views die
         t = torch.frombuffer(arr, dtype=dtype).view(shape).as_subclass(SlotBatch)
         t._actdata_slot = slot

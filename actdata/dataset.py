@@ -27,12 +27,15 @@ rows yielded by all workers of all ranks add up to the number asked for.
 
 The fast paths: on the server's own host (its buffer file opens, see actdata.local) rows are claimed from
 the shared buffer and gathered straight into the batch; `local=False` forces HTTP, and anything unusual
-falls back to HTTP with one log line. Over HTTP each shard holds one keep-alive `http.client` connection
-(`actdata.client.TensorReader`) and reads a response body with `readinto` straight into the batch. Inside
-a DataLoader worker the batch is read into shared memory that the main process maps once and the worker
-reuses once the main process has dropped the batch (actdata.batches), so handing it over costs neither a
-copy nor fresh memory. Connections and attached buffers are made inside the worker on first use; the dataset object
-holds only strings and numbers and pickles cleanly.
+falls back to HTTP with one log line. Over HTTP a keep-alive `http.client` connection
+(`actdata.client.TensorReader`) reads each response body with `readinto` straight into the batch. Without
+DataLoader workers (or with one) the next batches are read ahead by threads while the trainer works on the
+current one: two over HTTP, on two connections, so that both of the server's HTTP processes work; one on
+the same-host path. Inside a DataLoader worker the batch is read into shared memory that the main process
+maps once and the worker reuses once the main process has dropped the batch (actdata.batches), so handing
+it over costs neither a copy nor fresh memory. Connections and attached buffers are made inside the worker
+on first use; the dataset object holds only strings and numbers and pickles cleanly. Batches read ahead
+when the loop stops are dropped (their rows count as served), as a DataLoader's prefetched batches are.
 
 Resuming: `state_dict()` / `load_state_dict()` (torchdata's StatefulDataLoader calls them per worker) keep
 the rows and batches a shard has delivered, so a resumed run's `max_samples` / `max_batches` budget
@@ -53,6 +56,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -113,6 +117,7 @@ class _Source:
         self.max_rows = max(1, int(server.get("max_samples_per_request") or st["capacity"]))
         self.half_capacity = max(1, int(st["capacity"]) // 2)
         self.http = http or TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf)
+        self.directory = http is not None
         if http is not None:  # a cluster's directory: rows come from whichever of its servers serves
             self.local = None
             return
@@ -180,7 +185,7 @@ class _Stream:
         self.in_worker = get_worker_info() is not None
         self.retry = RetryPolicy(ds.retry_for_s, stop=threading.Event())
         self.sources: list[_Source] = []  # opened on the first batch, inside the worker
-        self.ahead: Optional[_ReadAhead] = None  # the next batch being read (outside workers)
+        self.ahead: Optional[_ReadAhead] = None  # the batches being read ahead (see _ReadAhead)
 
     def open(self) -> None:
         if not self.sources:
@@ -216,27 +221,51 @@ class _Stream:
 
     def next_batch(self, n: int) -> Optional[torch.Tensor]:
         """The next batch of n rows (fewer when the sample budget ends), or None when the budget is spent.
-        Outside a DataLoader worker the batch after it is read meanwhile in a background thread."""
+        The batches after it are read meanwhile (see _ReadAhead), as far as the budget allows."""
         if self.exhausted():
             return None
         if self.max_samples is not None:
             n = min(n, self.max_samples - self.rows)
         self.open()
-        x = self.ahead.take((self.batches, n)) if self.ahead is not None else None
-        if x is None:
-            x = self._read(self.batches, n)
+        if self.ahead is None and (depth := self._depth()):
+            urls, ds, retry = self.urls, self.ds, self.retry
+            lanes = [lambda: self.sources] + [lambda: [_Source(u, ds, retry) for u in urls]] * (depth - 1)
+            self.ahead = _ReadAhead(lanes, self._read)
+        if self.ahead is None:
+            x = self._read(self.sources, self.batches, n)
+        else:
+            self.ahead.plan(self._upcoming(n))
+            x = self.ahead.take(self.batches, n)
         self.rows += n
         self.batches += 1
-        if not self.in_worker and not self.exhausted():
-            following = n if self.max_samples is None else min(n, self.max_samples - self.rows)
-            if self.ahead is None:
-                self.ahead = _ReadAhead()
-            self.ahead.submit((self.batches, following), lambda i=self.batches: self._read(i, following))
+        if self.ahead is not None:
+            self.ahead.plan(self._upcoming(n))  # read on while the caller works on x
         return x
 
-    def _read(self, index: int, n: int):
-        """Batch `index` of this stream: n rows from source index % sources."""
-        source = self.sources[index % len(self.sources)]
+    def _depth(self) -> int:
+        """Batches read ahead: none in one of several DataLoader workers (the workers are the read-ahead);
+        two, on two connections, when every source is a plain HTTP server (a connection's requests are
+        served one after another by one server process, so one connection keeps one busy); else one."""
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            return 0
+        return 2 if all(s.local is None and not s.directory for s in self.sources) else 1
+
+    def _upcoming(self, n: int) -> list[tuple[int, int]]:
+        """(index, rows) of the batches after those delivered, as deep as the read-ahead goes and the
+        budget allows, each of n rows (the last fewer when max_samples ends within it)."""
+        out, rows = [], self.rows
+        for i in range(self.batches, self.batches + len(self.ahead.lanes)):
+            k = n if self.max_samples is None else min(n, self.max_samples - rows)
+            if k <= 0 or (self.max_batches is not None and i >= self.max_batches):
+                break
+            out.append((i, k))
+            rows += k
+        return out
+
+    def _read(self, sources: list["_Source"], index: int, n: int):
+        """Batch `index` of this stream: n rows from source index % len(sources)."""
+        source = sources[index % len(sources)]
         convert = self.ds.dtype is not None and self.ds.dtype != source.dtype
         if self.ds.provenance:
             b = source.read_provenance(n)
@@ -249,79 +278,97 @@ class _Stream:
 
     def close(self) -> None:
         self.retry.stop.set()  # a read ahead in progress gives up instead of retrying
+        sources = list(self.sources)
         if self.ahead is not None:
-            idle = self.ahead.idle(1.0)
+            ahead, self.ahead = self.ahead, None
+            idle = ahead.idle(1.0)
             if not idle:  # a read stuck on a silent server: wake it (its socket shut), then wait again
-                for s in self.sources:
+                for s in ahead.sources():
                     s.abort()
-                idle = self.ahead.idle(5.0)
-            self.ahead.close()
-            self.ahead = None
+                idle = ahead.idle(5.0)
+            ahead.close()
             if not idle:  # never unmap or close what a running read uses: left to that thread
                 log.warning("a read ahead did not end; its connections are left open")
                 self.sources = []
                 return
-        for s in self.sources:
+            sources += [s for s in ahead.sources() if s not in sources]
+        for s in sources:
             s.close()
         self.sources = []
 
 
 class _ReadAhead:
-    """Reads the next batch in a daemon thread while the caller uses the current one, as a DataLoader
-    worker does, without a process: in the main process (`num_workers=0`, or the dataset iterated
-    directly) a request otherwise waits for the server's gather and then the transfer while the trainer
-    idles, and the server's other HTTP process idles. Reads are strictly one after another (the thread
-    only ever runs the one read submitted), so the stream's readers are never used by two threads at
-    once. A batch read ahead and not taken (the loop stopped) is dropped: its rows count as served."""
+    """Reads the next batches in daemon threads while the caller uses the current one, as DataLoader
+    workers do, without processes: in the main process (`num_workers=0`, or the dataset iterated
+    directly) or a lone worker, a request otherwise waits for the server's gather and then the transfer
+    while the trainer idles. Batch i is read by lane i % lanes; a lane is one thread with its own sources
+    (lane 0: the stream's; others: their own connections, opened on first use), so no reader is ever used
+    by two threads at once. A batch read ahead and not taken (the loop stopped, or another batch size was
+    asked) is dropped: its rows count as served."""
 
-    def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: Optional[tuple] = None  # (key, Future)
-        self._thread = threading.Thread(target=self._run, name="actdata-read-ahead", daemon=True)
-        self._thread.start()
+    def __init__(self, lanes: list[Callable[[], list]], read: Callable):
+        self.lanes = [_Lane(make) for make in lanes]
+        self.read = read
+        self.pending: dict[int, tuple[int, Future]] = {}  # batch index -> (rows, its read)
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fut, fn = job
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # re-raised where the batch is taken
-                fut.set_exception(e)
+    def _submit(self, i: int, n: int) -> Future:
+        return self.lanes[i % len(self.lanes)].submit(lambda sources: self.read(sources, i, n))
 
-    def submit(self, key: tuple, fn: Callable) -> None:
-        self._wait()
-        fut: Future = Future()
-        self._pending = (key, fut)
-        self._jobs.put((fut, fn))
+    def plan(self, batches: list[tuple[int, int]]) -> None:
+        for i, n in batches:
+            if i not in self.pending:
+                self.pending[i] = (n, self._submit(i, n))
 
-    def take(self, key: tuple):
-        """The batch read ahead for `key` (its exception, if the read failed), or None if none was."""
-        if self._pending is None or self._pending[0] != key:
-            self._wait()  # another batch size was asked: drop the read ahead before reading anew
-            return None
-        _, fut = self._pending
-        self._pending = None
-        return fut.result()
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            _, fut = self._pending
-            self._pending = None
-            fut.exception()  # wait; the batch and its error are dropped
+    def take(self, i: int, n: int):
+        """Batch i of n rows: the read ahead (its exception, if it failed), else read now."""
+        got = self.pending.pop(i, None)
+        if got is None or got[0] != n:
+            if got is not None:
+                got[1].exception()  # another size was asked: wait for the read, drop its batch
+            got = (n, self._submit(i, n))
+        return got[1].result()
 
     def idle(self, wait_s: float) -> bool:
-        """Whether no read is running, after waiting up to wait_s seconds for one to end."""
-        if self._pending is None:
-            return True
-        try:
-            self._pending[1].exception(timeout=wait_s)
-        except TimeoutError:
-            return False
-        self._pending = None
+        """Whether no read is running, after waiting up to wait_s seconds for them to end."""
+        deadline = time.monotonic() + wait_s
+        for i, (_, fut) in list(self.pending.items()):
+            try:
+                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return False
+            del self.pending[i]
         return True
 
+    def sources(self) -> list:
+        return [s for lane in self.lanes for s in (lane.sources or [])]
+
     def close(self) -> None:
-        self._jobs.put(None)  # the thread ends after the read it is running, if any
+        for lane in self.lanes:
+            lane.jobs.put(None)  # the thread ends after the read it is running, if any
+
+
+class _Lane:
+    """One read-ahead thread and the sources it reads with (made by `make` in the thread, on first use)."""
+
+    def __init__(self, make: Callable[[], list]):
+        self.make, self.sources = make, None
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="actdata-read-ahead", daemon=True).start()
+
+    def submit(self, fn: Callable) -> Future:
+        fut: Future = Future()
+        self.jobs.put((fut, fn))
+        return fut
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            fut, fn = job
+            try:
+                if self.sources is None:
+                    self.sources = self.make()
+                fut.set_result(fn(self.sources))
+            except BaseException as e:  # re-raised where the batch is taken
+                fut.set_exception(e)
 
 
 class PendingRow:

@@ -285,18 +285,18 @@ def _read_ahead_threads() -> list:
 
 
 def test_main_process_reads_the_next_batch_while_the_trainer_works(server):
-    """num_workers=0: while the loop holds batch 1, batch 2 is already requested (one request each, never
-    past the budget), and stopping early leaves no thread behind."""
+    """num_workers=0: while the loop holds batch 1, batches 2 and 3 are already requested (on two
+    connections, one request each, never past the budget), and stopping early leaves no thread behind."""
     before = tensor_requests(server.url)
-    it = iter(DataLoader(RemoteActivationDataset(server.url, batch_size=100, max_batches=3, local=False),
+    it = iter(DataLoader(RemoteActivationDataset(server.url, batch_size=100, max_batches=4, local=False),
                          batch_size=None))
     assert next(it).shape == (100, 768)
     deadline = time.monotonic() + 30
-    while tensor_requests(server.url) - before < 2 and time.monotonic() < deadline:
+    while tensor_requests(server.url) - before < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert tensor_requests(server.url) - before == 2  # batch 2 read ahead, nothing more
-    assert [x.shape for x in it] == [(100, 768)] * 2
-    assert tensor_requests(server.url) - before == 3  # the budget's 3 batches, not a 4th read ahead
+    assert tensor_requests(server.url) - before == 3  # batches 2 and 3 read ahead, nothing more
+    assert [x.shape for x in it] == [(100, 768)] * 3
+    assert tensor_requests(server.url) - before == 4  # the budget's 4 batches, not a 5th read ahead
     assert _read_ahead_threads() == []
 
     it = iter(RemoteActivationDataset(server.url, batch_size=100, local=False))
@@ -341,10 +341,10 @@ def test_stopping_while_a_read_ahead_hangs_returns():
         it = iter(RemoteActivationDataset(f"http://127.0.0.1:{srv.server_address[1]}", batch_size=4,
                                           local=False, timeout=60, retry_for_s=60))
         assert next(it).shape == (4, 4)
-        closing = threading.Thread(target=it.close)  # batch 2 hangs on the server: the read is woken
+        closing = threading.Thread(target=it.close)  # batches 2 and 3 hang on the server: the reads are woken
         closing.start()
         closing.join(30)
-        assert not closing.is_alive() and srv.tensor_requests == 2
+        assert not closing.is_alive() and srv.tensor_requests == 3  # and not retried
     finally:
         srv.shutdown()
         srv.server_close()
