@@ -90,8 +90,9 @@ def test_refresh_drops_ready_rows_and_rows_in_flight():
         assert st["ready"] == 0 and st["free"] == 100 and st["refresh_epoch"] == 1
 
 
-def _writer(spec, n_rows, batch):
+def _writer(spec, n_rows, batch, start):
     buf = SharedActivationBuffer.attach(spec)
+    start.wait()  # every reader is attached: none misses the whole run while its interpreter starts
     next_id = 0
     while next_id < n_rows:
         k = min(batch, n_rows - next_id)
@@ -101,8 +102,9 @@ def _writer(spec, n_rows, batch):
     buf.close()
 
 
-def _reader(spec, total, out_q):
+def _reader(spec, total, out_q, start):
     buf = SharedActivationBuffer.attach(spec)
+    start.wait()
     ids, torn = [], 0
     while True:
         st = buf.stats()
@@ -125,9 +127,9 @@ def test_concurrent_writer_and_readers_see_only_whole_rows_once():
     total = 30_000
     ctx = mp.get_context("spawn")
     with SharedActivationBuffer.create(2_000, (4, 96), "float16", min_fill=0.1) as buf:
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_writer, args=(buf.spec, total + 4_000, 100))]
-        procs += [ctx.Process(target=_reader, args=(buf.spec, total, q)) for _ in range(3)]
+        q, start = ctx.Queue(), ctx.Barrier(4)
+        procs = [ctx.Process(target=_writer, args=(buf.spec, total + 4_000, 100, start))]
+        procs += [ctx.Process(target=_reader, args=(buf.spec, total, q, start)) for _ in range(3)]
         for p in procs:
             p.start()
         results = [q.get(timeout=120) for _ in range(3)]
