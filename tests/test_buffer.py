@@ -90,14 +90,14 @@ def test_refresh_drops_ready_rows_and_rows_in_flight():
         assert st["ready"] == 0 and st["free"] == 100 and st["refresh_epoch"] == 1
 
 
-def _writer(spec, n_rows, batch, start):
+def _writer(spec, n_rows, batch, start, stop):
     buf = SharedActivationBuffer.attach(spec)
     start.wait()  # every reader is attached: none misses the whole run while its interpreter starts
     next_id = 0
-    while next_id < n_rows:
+    while next_id < n_rows and not stop.is_set():
         k = min(batch, n_rows - next_id)
         buf.write(make_rows(torch.arange(next_id, next_id + k), spec.sample_shape, torch.float16),
-                  origin=np.arange(next_id, next_id + k))
+                  origin=np.arange(next_id, next_id + k), stop=stop)
         next_id += k
     buf.close()
 
@@ -127,12 +127,13 @@ def test_concurrent_writer_and_readers_see_only_whole_rows_once():
     total = 30_000
     ctx = mp.get_context("spawn")
     with SharedActivationBuffer.create(2_000, (4, 96), "float16", min_fill=0.1) as buf:
-        q, start = ctx.Queue(), ctx.Barrier(4)
-        procs = [ctx.Process(target=_writer, args=(buf.spec, total + 4_000, 100, start))]
+        q, start, stop = ctx.Queue(), ctx.Barrier(4), ctx.Event()
+        procs = [ctx.Process(target=_writer, args=(buf.spec, total + 4_000, 100, start, stop))]
         procs += [ctx.Process(target=_reader, args=(buf.spec, total, q, start)) for _ in range(3)]
         for p in procs:
             p.start()
         results = [q.get(timeout=120) for _ in range(3)]
+        stop.set()  # the writer waits for free slots in a full buffer: it stops now
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
