@@ -185,11 +185,13 @@ class TensorReader:
         self._conn: Optional[http.client.HTTPConnection] = None
         self._requests_on_conn = 0
         self.row_format: Optional[tuple[tuple[int, ...], torch.dtype]] = None  # (row shape, dtype) once seen
+        self.server_process: Optional[str] = None  # the server process that answered last (wire.PROCESS)
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self.server_process = None
 
     def abort(self) -> None:
         """Wake a read blocked in another thread: shut the socket down (closing it would not wake it)."""
@@ -290,6 +292,7 @@ class TensorReader:
                    out: Optional[torch.Tensor]) -> tuple[torch.Tensor, Mapping]:
         headers = resp.headers  # case-insensitive (http.client.HTTPMessage)
         shape, dtype, total = self.check_headers(headers, num_samples)
+        self.server_process = headers.get(wire.PROCESS)
         if out is not None:
             if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
                 raise self._bad(f"{list(shape)} {dtype} does not fit the batch {list(out.shape)} {out.dtype}")

@@ -372,6 +372,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         except BaseException:
             budget.give(cost)
             raise
+        headers[wire.PROCESS] = str(os.getpid())  # this HTTP process (forked after add_routes ran)
         return _BudgetedResponse(content=body, media_type=media, headers=headers, budget=budget, cost=cost)
 
     @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)",

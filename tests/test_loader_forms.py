@@ -348,3 +348,25 @@ def test_stopping_while_a_read_ahead_hangs_returns():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_read_ahead_lanes_move_off_a_shared_server_process(monkeypatch):
+    """Each answer names its HTTP process; a read-ahead lane whose connection shares the other lane's
+    process reconnects, a bounded number of times (a server with one HTTP process: always shared)."""
+    from actdata import dataset, wire
+
+    srv = start("buffer.min_fill=0.25", "server.workers=1")
+    try:
+        r = ActivationClient(srv.url).session.get(srv.url + wire.TENSOR_PATH, params={"num_samples": 4})
+        with open(f"/proc/{int(r.headers[wire.PROCESS])}/cmdline", "rb") as f:  # a live process of this server
+            assert b"actdata.serve" in f.read()
+        connects = []
+        real = TensorReader._connect
+        monkeypatch.setattr(TensorReader, "_connect", lambda self: connects.append(self) or real(self))
+        ds = RemoteActivationDataset(srv.url, batch_size=50, max_batches=40, local=False)
+        assert sum(len(x) for x in ds) == 2000
+        readers = {id(c) for c in connects}
+        assert len(readers) == 2  # one connection per lane...
+        assert len(connects) == 2 + dataset._ReadAhead.SPREAD_TRIES  # ...and lane 1's bounded tries
+    finally:
+        srv.stop()
