@@ -168,6 +168,8 @@ class TensorReader:
     first used in another, but not shared by two at once.
     """
 
+    SPREAD_TRIES = 6
+
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry: Optional[RetryPolicy] = None, rcvbuf: Optional[int] = None):
         url = resolve_url(url)
@@ -185,7 +187,12 @@ class TensorReader:
         self._conn: Optional[http.client.HTTPConnection] = None
         self._requests_on_conn = 0
         self.row_format: Optional[tuple[tuple[int, ...], torch.dtype]] = None  # (row shape, dtype) once seen
-        self.server_process: Optional[str] = None  # the server process that answered last (wire.PROCESS)
+        # Spreading: a connection's requests are all served by the HTTP process that accepted it, and which
+        # one does is chance. A reader given `prefer` (its place among the readers of one trainer) that is
+        # answered by process i of n with i != prefer % n reconnects, at most SPREAD_TRIES times.
+        self.prefer: Optional[int] = None
+        self.spread_tries = self.SPREAD_TRIES
+        self.server_process: Optional[tuple[int, int]] = None  # (i, n) of the last answer (wire.PROCESS)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -292,7 +299,6 @@ class TensorReader:
                    out: Optional[torch.Tensor]) -> tuple[torch.Tensor, Mapping]:
         headers = resp.headers  # case-insensitive (http.client.HTTPMessage)
         shape, dtype, total = self.check_headers(headers, num_samples)
-        self.server_process = headers.get(wire.PROCESS)
         if out is not None:
             if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
                 raise self._bad(f"{list(shape)} {dtype} does not fit the batch {list(out.shape)} {out.dtype}")
@@ -308,7 +314,20 @@ class TensorReader:
             got += n
         if resp.will_close:
             self.close()
+        else:
+            self._spread(headers.get(wire.PROCESS))
         return tensor, headers
+
+    def _spread(self, process: Optional[str]) -> None:
+        """Reconnect before the next request if another server process should serve this reader."""
+        try:
+            i, n = (int(x) for x in process.split("/"))
+        except (AttributeError, ValueError):
+            return
+        self.server_process = (i, n)
+        if self.prefer is not None and n > 1 and i != self.prefer % n and self.spread_tries > 0:
+            self.spread_tries -= 1
+            self.close()
 
     def _read_tensors(self, resp: http.client.HTTPResponse, num_samples: int) -> ProvenanceBatch:
         """A safetensors body (rows + provenance) read into one buffer; the tensors are views of it."""

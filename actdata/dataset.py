@@ -176,7 +176,8 @@ class _Stream:
     """One shard's iteration: its sources, its budget and how much of it was delivered."""
 
     def __init__(self, ds: "RemoteActivationDataset", resume: Optional[dict]):
-        index, shards, self.urls = ds.shard()
+        self.index, shards, self.urls = ds.shard()  # this shard's place among the trainer's readers
+        index = self.index
         self.ds = ds
         self.max_batches = split_evenly(ds.max_batches, shards, index)
         self.max_samples = split_evenly(ds.max_samples, shards, index)
@@ -189,7 +190,17 @@ class _Stream:
 
     def open(self) -> None:
         if not self.sources:
-            self.sources = self._directory() or [_Source(u, self.ds, self.retry) for u in self.urls]
+            self.sources = self._directory() or self._sources(prefer=None)
+            for s in self.sources:  # the shard's first reader (TensorReader.prefer; lanes: _sources)
+                if not s.directory:
+                    s.http.prefer = self.index * max(1, self._depth())
+
+    def _sources(self, prefer: Optional[int]) -> list["_Source"]:
+        """A reader of each of this shard's servers; `prefer`: its place among the trainer's readers."""
+        out = [_Source(u, self.ds, self.retry) for u in self.urls]
+        for s in out:
+            s.http.prefer = prefer
+        return out
 
     def _directory(self) -> Optional[list["_Source"]]:
         """A single URL that is a cluster's directory (actdata.discovery): one source reading from the
@@ -228,8 +239,8 @@ class _Stream:
             n = min(n, self.max_samples - self.rows)
         self.open()
         if self.ahead is None and (depth := self._depth()):
-            urls, ds, retry = self.urls, self.ds, self.retry
-            lanes = [lambda: self.sources] + [lambda: [_Source(u, ds, retry) for u in urls]] * (depth - 1)
+            lanes = [lambda: self.sources] + [lambda j=j: self._sources(prefer=self.index * depth + j)
+                                               for j in range(1, depth)]
             self.ahead = _ReadAhead(lanes, self._read)
         if self.ahead is None:
             x = self._read(self.sources, self.batches, n)
@@ -306,13 +317,10 @@ class _ReadAhead:
     by two threads at once. A batch read ahead and not taken (the loop stopped, or another batch size was
     asked) is dropped: its rows count as served."""
 
-    SPREAD_TRIES = 4
-
     def __init__(self, lanes: list[Callable[[], list]], read: Callable):
         self.lanes = [_Lane(make) for make in lanes]
         self.read = read
         self.pending: dict[int, tuple[int, Future]] = {}  # batch index -> (rows, its read)
-        self.spread_tries = self.SPREAD_TRIES
 
     def _submit(self, i: int, n: int) -> Future:
         return self.lanes[i % len(self.lanes)].submit(lambda sources: self.read(sources, i, n))
@@ -329,21 +337,7 @@ class _ReadAhead:
             if got is not None:
                 got[1].exception()  # another size was asked: wait for the read, drop its batch
             got = (n, self._submit(i, n))
-        x = got[1].result()
-        self._spread()
-        return x
-
-    def _spread(self) -> None:
-        """A connection's requests are all served by the server process that accepted it, and which one
-        does is chance: two lanes on one process leave the other idle (measured: 0.55 x loopback instead
-        of 0.8). The server names the process in each answer (wire.PROCESS); while lane 1 shares lane 0's,
-        it reconnects before its next read (up to SPREAD_TRIES times: a server may have one process)."""
-        if len(self.lanes) < 2 or self.spread_tries <= 0:
-            return
-        mine, other = self.lanes[0].processes(), self.lanes[1].processes()
-        if any(a is not None and a == b for a, b in zip(mine, other)):
-            self.spread_tries -= 1
-            self.lanes[1].submit(lambda sources: [s.http.close() for s in sources])
+        return got[1].result()
 
     def idle(self, wait_s: float) -> bool:
         """Whether no read is running, after waiting up to wait_s seconds for them to end."""
@@ -376,10 +370,6 @@ class _Lane:
         fut: Future = Future()
         self.jobs.put((fut, fn))
         return fut
-
-    def processes(self) -> list:
-        """The server process that answered this lane last, per source (None before any answer)."""
-        return [getattr(s.http, "server_process", None) for s in (self.sources or [])]
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:

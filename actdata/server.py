@@ -372,7 +372,8 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         except BaseException:
             budget.give(cost)
             raise
-        headers[wire.PROCESS] = str(os.getpid())  # this HTTP process (forked after add_routes ran)
+        # this HTTP process, as index/count (LitServe sets the index on the app before forking each one)
+        headers[wire.PROCESS] = f"{getattr(app, 'response_queue_id', 0)}/{cfg.server.workers}"
         return _BudgetedResponse(content=body, media_type=media, headers=headers, budget=budget, cost=cost)
 
     @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)",

@@ -16,7 +16,7 @@ import torch
 
 SHAPE = "X-Tensor-Shape"
 DTYPE = "X-Tensor-Dtype"
-PROCESS = "X-Actdata-Process"  # which HTTP process answered: a client spreads its connections by it
+PROCESS = "X-Actdata-Process"  # "i/n": HTTP process i of n answered (clients spread their connections by it)
 TENSOR_PATH = "/activations/tensor"
 JSON_PATH = "/activations"
 DIRECTORY_KIND = "actdata-directory"  # GET / of a cluster's directory carries "kind": DIRECTORY_KIND

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from actdata import wire
 from actdata.client import ActivationClient, ActivationServerError, TensorReader
 from actdata.dataset import RemoteActivationDataset
 from actdata.serve import ServerProcess
@@ -350,23 +351,32 @@ def test_stopping_while_a_read_ahead_hangs_returns():
         srv.server_close()
 
 
-def test_read_ahead_lanes_move_off_a_shared_server_process(monkeypatch):
-    """Each answer names its HTTP process; a read-ahead lane whose connection shares the other lane's
-    process reconnects, a bounded number of times (a server with one HTTP process: always shared)."""
-    from actdata import dataset, wire
+def test_readers_spread_over_the_server_processes(server, monkeypatch):
+    """Each answer names its HTTP process as i/n. The readers of one trainer (here the two read-ahead lanes
+    of num_workers=0) each prefer another process and reconnect, a bounded number of times, until theirs
+    answers; with one HTTP process nobody reconnects."""
+    connects = []
+    real = TensorReader._connect
+    monkeypatch.setattr(TensorReader, "_connect", lambda self: connects.append(self) or real(self))
+    seen = {TensorReader(server.url).fetch(4)[1][wire.PROCESS] for _ in range(20)}  # 20 fresh connections
+    assert seen <= {"0/2", "1/2"} and len(seen) == 2
+    connects.clear()
+    ds = RemoteActivationDataset(server.url, batch_size=50, max_batches=40, local=False)
+    it = iter(ds)
+    for _ in range(30):
+        next(it)
+    readers = [lane.sources[0].http for lane in ds._stream.ahead.lanes]
+    assert sorted(r.prefer for r in readers) == [0, 1]
+    for r in readers:  # on its own process, or out of tries
+        assert r.server_process[0] == r.prefer % 2 or r.spread_tries == 0
+        assert 1 <= sum(c is r for c in connects) <= 1 + TensorReader.SPREAD_TRIES - r.spread_tries
+    assert sum(len(x) for x in it) == 10 * 50
 
-    srv = start("buffer.min_fill=0.25", "server.workers=1")
+    single = start("buffer.min_fill=0.25", "server.workers=1")
     try:
-        r = ActivationClient(srv.url).session.get(srv.url + wire.TENSOR_PATH, params={"num_samples": 4})
-        with open(f"/proc/{int(r.headers[wire.PROCESS])}/cmdline", "rb") as f:  # a live process of this server
-            assert b"actdata.serve" in f.read()
-        connects = []
-        real = TensorReader._connect
-        monkeypatch.setattr(TensorReader, "_connect", lambda self: connects.append(self) or real(self))
-        ds = RemoteActivationDataset(srv.url, batch_size=50, max_batches=40, local=False)
-        assert sum(len(x) for x in ds) == 2000
-        readers = {id(c) for c in connects}
-        assert len(readers) == 2  # one connection per lane...
-        assert len(connects) == 2 + dataset._ReadAhead.SPREAD_TRIES  # ...and lane 1's bounded tries
+        connects.clear()
+        ds = RemoteActivationDataset(single.url, batch_size=50, max_batches=20, local=False)
+        assert sum(len(x) for x in ds) == 1000
+        assert len(connects) == 2  # one connection per lane, never moved
     finally:
-        srv.stop()
+        single.stop()
