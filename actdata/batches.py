@@ -38,6 +38,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .buffer import pid_alive
+
 HEADER = 64  # slot header: uint32 sent (written by the worker), uint32 freed (written by the main process)
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
@@ -178,16 +180,6 @@ _mapped: dict[tuple, _Mapped] = {}
 _mapped_lock = threading.Lock()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _rebuild(key: tuple, fd: Optional[DupFd], size: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """A plain tensor over the slot `key` (mapped on first sight) whose death frees the slot."""
     with _mapped_lock:
@@ -195,7 +187,7 @@ def _rebuild(key: tuple, fd: Optional[DupFd], size: int, shape: tuple, dtype: to
         if m is None:
             if fd is None:
                 raise RuntimeError(f"actdata: batch slot {key} arrived before its memory did")
-            for old in [k for k in _mapped if k[0] != key[0] and not _pid_alive(k[0])]:
+            for old in [k for k in _mapped if k[0] != key[0] and not pid_alive(k[0])]:
                 del _mapped[old]  # a finished worker's slots: unmapped once their last batch dies
             fd_n = fd.detach()
             try:

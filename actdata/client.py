@@ -350,6 +350,8 @@ class TensorReader:
             got += n
         if resp.will_close:
             self.close()
+        else:
+            self._spread(resp.getheader(wire.PROCESS))
         try:
             t, _ = wire.decode_tensors(body)
             return ProvenanceBatch(t["activations"], t["token_ids"], t["positions"], t["doc_ids"])

@@ -5,12 +5,11 @@ shard (sorted by name), shuffles its shards per pass with (store.seed, pass), an
 rows in batches straight from a memory map of the file (no copy until the buffer's own write), with
 origin and, when the shard has them, provenance arrays in info["provenance"]. Each batch carries its
 position (pass, shard index in the pass's order, row after it), which the generator saves like a model
-source's (actdata.position): a restarted server continues the replay pass where it stopped. Each shard's CRC-32 is
-checked by a prefetch thread the first time this process uses it, while the previous shard is served
-(so a cold shard is read from disk ahead of use; shards are immutable, so later passes trust it and only
-hint read-ahead): a shard that fails is logged, skipped for good, counted in the status, and none of its
-rows is served. After `store.passes` passes
-(null = endless) the source idles.
+source's (actdata.position): a restarted server continues the replay pass where it stopped. Each shard's
+CRC-32 is checked by a prefetch thread the first time this process uses it, while the previous shard is
+served (so a cold shard is read from disk ahead of use; shards are immutable, so later passes trust it and
+only hint read-ahead): a shard that fails is logged, skipped for good, counted in the status, and none of
+its rows is served. After `store.passes` passes (null = endless) the source idles.
 
 A `datasets.Dataset.save_to_disk` directory (SAELens's activation cache layout: one array column per
 hook, each example a context [context_size, d] or a row [d]) is replayed the same way: its examples are
