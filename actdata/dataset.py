@@ -297,7 +297,7 @@ class _Stream:
                 for s in ahead.sources():
                     s.abort()
                 idle = ahead.idle(5.0)
-            ahead.close()
+            ahead.close(join_s=1.0 if idle else 0.0)
             if not idle:  # never unmap or close what a running read uses: left to that thread
                 log.warning("a read ahead did not end; its connections are left open")
                 self.sources = []
@@ -353,9 +353,14 @@ class _ReadAhead:
     def sources(self) -> list:
         return [s for lane in self.lanes for s in (lane.sources or [])]
 
-    def close(self) -> None:
+    def close(self, join_s: float = 0.0) -> None:
+        """End the lanes' threads: each after the read it is running, if any; waits up to join_s seconds
+        for them (idle lanes end at once, so a stream closed after its reads leaves no thread behind)."""
         for lane in self.lanes:
-            lane.jobs.put(None)  # the thread ends after the read it is running, if any
+            lane.jobs.put(None)
+        deadline = time.monotonic() + join_s
+        for lane in self.lanes:
+            lane.thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Lane:
@@ -364,7 +369,8 @@ class _Lane:
     def __init__(self, make: Callable[[], list]):
         self.make, self.sources = make, None
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="actdata-read-ahead", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name="actdata-read-ahead", daemon=True)
+        self.thread.start()
 
     def submit(self, fn: Callable) -> Future:
         fut: Future = Future()

@@ -163,7 +163,7 @@ def test_claims_of_a_dead_same_host_reader_are_reclaimed(server):
     assert ActivationClient(server.url).get_stats()["reading"] == 0
 
 
-def test_same_host_falls_back_to_http_when_the_server_goes():
+def test_same_host_falls_back_to_http_when_the_server_goes(caplog):
     srv = start("buffer.min_fill=0.25")
     srv2 = None
     try:
@@ -174,7 +174,10 @@ def test_same_host_falls_back_to_http_when_the_server_goes():
         srv2 = ServerProcess([*SYNTHETIC, "buffer.min_fill=0.25", f"server.port={port}"])
         reqs = tensor_requests(url)
         after = [next(it) for _ in range(3)]
-        assert tensor_requests(url) - reqs == 3  # over HTTP now, from the new server
+        # over HTTP now, from the new server: batches 5 and 6 at least (batch 4 may have been read ahead
+        # from the old buffer before it went, batch 7 may be being read ahead now)
+        assert 2 <= tensor_requests(url) - reqs <= 4
+        assert any("same-host path stopped" in r.getMessage() for r in caplog.records)
         assert verify_rows(torch.cat(before + after))[1].all()
         del it
     finally:
