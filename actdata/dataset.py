@@ -187,6 +187,7 @@ class _Stream:
         self.retry = RetryPolicy(ds.retry_for_s, stop=threading.Event())
         self.sources: list[_Source] = []  # opened on the first batch, inside the worker
         self.ahead: Optional[_ReadAhead] = None  # the batches being read ahead (see _ReadAhead)
+        self.drop_last = False  # DataLoader(..., batch_size=B, drop_last=True): no batch under B rows
 
     def open(self) -> None:
         if not self.sources:
@@ -235,8 +236,10 @@ class _Stream:
         The batches after it are read meanwhile (see _ReadAhead), as far as the budget allows."""
         if self.exhausted():
             return None
-        if self.max_samples is not None:
-            n = min(n, self.max_samples - self.rows)
+        if self.max_samples is not None and self.max_samples - self.rows < n:
+            if self.drop_last:
+                return None
+            n = self.max_samples - self.rows
         self.open()
         if self.ahead is None and (depth := self._depth()):
             lanes = [lambda: self.sources] + [lambda j=j: self._sources(prefer=self.index * depth + j)
@@ -264,11 +267,11 @@ class _Stream:
 
     def _upcoming(self, n: int) -> list[tuple[int, int]]:
         """(index, rows) of the batches after those delivered, as deep as the read-ahead goes and the
-        budget allows, each of n rows (the last fewer when max_samples ends within it)."""
+        budget allows, each of n rows (the last fewer when max_samples ends within it, none with drop_last)."""
         out, rows = [], self.rows
         for i in range(self.batches, self.batches + len(self.ahead.lanes)):
             k = n if self.max_samples is None else min(n, self.max_samples - rows)
-            if k <= 0 or (self.max_batches is not None and i >= self.max_batches):
+            if k <= 0 or (self.drop_last and k < n) or (self.max_batches is not None and i >= self.max_batches):
                 break
             out.append((i, k))
             rows += k
@@ -503,6 +506,7 @@ class RemoteActivationDataset(IterableDataset):
         self._resume = None
         if fetcher is not None and fetcher.auto_collation:
             if fetcher.collate_fn is torch.utils.data.default_collate:
+                stream.drop_last = bool(fetcher.drop_last)
                 return self._placeholders(stream)
             return self._rows(stream)  # a custom collate_fn gets rows, as from any dataset
         return self._batches(stream)

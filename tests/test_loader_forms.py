@@ -83,6 +83,10 @@ def test_an_explicit_batch_above_the_maximum_is_split_not_refused(server):
 def test_budgets_and_a_custom_collate(server):
     ds = RemoteActivationDataset(server.url, max_samples=250, local=False)
     assert [len(x) for x in DataLoader(ds, batch_size=100)] == [100, 100, 50]
+    before = rows_read(server.url)
+    assert [len(x) for x in DataLoader(ds, batch_size=100, drop_last=True)] == [100, 100]
+    assert rows_read(server.url) - before == 200  # the short batch is not even read (nor read ahead)
+    assert [len(x) for x in DataLoader(ds, batch_size=100, drop_last=True, num_workers=2)] == [100] * 2
     rows = list(DataLoader(RemoteActivationDataset(server.url, batch_size=8, max_batches=1, local=False),
                            batch_size=4, collate_fn=lambda rows: torch.stack(rows)))
     assert [tuple(x.shape) for x in rows] == [(4, 768), (4, 768)]  # a custom collate_fn gets rows
