@@ -39,6 +39,7 @@ from .model import load_config, load_model, load_tokenizer, meta_model
 from .placement import bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
 from .sites import (Capture, OutlierFilter, blocks_needed, check_buffer, check_model, compile_blocks,
                     finite_rows, keep_mask, make_plan)
+from .text import TokenBlocks, check_corpus
 from .wire import DTYPES as TORCH_DTYPES
 
 log = logging.getLogger("actdata.pipeline")
@@ -100,6 +101,7 @@ class ModelSource:
         del meta
         check_fits(self.memory, self.device)  # before loading anything: a config that cannot fit fails here
         precision = describe_dtype(self.model_dtype, self.device)
+        check_corpus(cfg.dataset, index if count else 0, count or 1)  # a bad dataset fails before the model loads
         self.tokenizer = load_tokenizer(cfg)
         self.model = load_model(cfg, str(self.device), self.model_dtype, n_blocks)
         self.plan = make_plan(cfg, self.model, self.model.config)
@@ -120,8 +122,6 @@ class ModelSource:
         log.info("%s", self.memory.line())
 
     def blocks(self):
-        from .text import TokenBlocks
-
         g = self.cfg.generator
         return TokenBlocks(self.cfg.dataset, self.tokenizer, g.context_length, g.batch_size, loop=self.loop,
                            g=self.index if self.count else 0, G=self.count or 1, start=self.start_position)

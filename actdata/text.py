@@ -9,6 +9,9 @@ order seeded by (dataset.seed, g, pass) (a different order each pass):
 - anything else: a `datasets` hub name with `dataset.config` / `dataset.split` / `dataset.text_column`,
   streamed when `dataset.streaming` (shuffled within `dataset.shuffle_buffer` documents).
 
+`check_corpus(dataset_cfg, g, G)` opens generator g's share and reads its first row: the generator
+calls it before loading its model, so a bad `dataset.*` stops it in seconds, not after a long load.
+
 The partition: for the embedded corpus and local files, generator g of G reads the documents whose
 index i in the corpus satisfies i % G == g; a hub dataset is split by `datasets.distributed.
 split_dataset_by_node(rank=g, world_size=G)` (whole shards when their number divides by G, else every
@@ -86,6 +89,21 @@ def documents(d: DatasetConfig, epoch: int = 0, g: int = 0, G: int = 1) -> Itera
         text = row[d.text_column]
         if isinstance(text, str) and text.strip():
             yield text
+
+
+def check_corpus(d: DatasetConfig, g: int = 0, G: int = 1) -> None:
+    """Open generator g's share of the corpus and read its first row, so that a bad `dataset.*` (a name
+    that does not open, a missing text column, an empty share) stops a generator before it loads a model
+    that may take minutes. The order is not shuffled here: a streamed shuffle would fill its buffer first."""
+    if d.name == "embedded":
+        return
+    ds = share(_load(d), g, G, local=os.path.exists(d.name))
+    row = next(iter(ds), None)
+    if row is None:
+        raise ConfigError(f"dataset.name: {d.name!r} has no examples for generator {g} of {G}")
+    if d.text_column not in row:
+        raise ConfigError(f"dataset.text_column: {d.text_column!r} is not a column of {d.name!r} "
+                          f"(columns: {', '.join(row)})")
 
 
 def share(ds, g: int, G: int, local: bool):

@@ -200,6 +200,21 @@ def test_outlier_filter_drops_only_large_norm_rows():
     assert (~keep).nonzero().flatten().tolist() == [7, 42]
 
 
+def test_a_bad_corpus_stops_the_source_before_its_model_loads(tiny, tmp_path, monkeypatch):
+    """A dataset that does not open or lacks the text column fails in the source's constructor, naming
+    the key, before the tokenizer and model are loaded (a production model takes minutes)."""
+    import actdata.pipeline as pipeline
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the corpus was checked")
+    monkeypatch.setattr(pipeline, "load_model", loaded)
+    monkeypatch.setattr(pipeline, "load_tokenizer", loaded)
+    (tmp_path / "a.jsonl").write_text('{"content": "some words"}\n')
+    for name, key in ((str(tmp_path / "missing.jsonl"), "dataset.name"), (str(tmp_path / "a.jsonl"), "dataset.text_column")):
+        with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
+            ModelSource(make_cfg(tiny[1], name), "cpu", index=0, loop=False)
+
+
 def test_model_source_rows_equal_reference_on_packed_text(tiny, corpus):
     kind, path = tiny
     cfg = make_cfg(path, corpus, sites=["resid_pre", "mlp_out"], layers=[0, 1])
