@@ -172,6 +172,92 @@ def to_config(cfg: Any) -> Config:
     raise ConfigError(f"config: expected the actdata schema, got {type(obj).__name__}")
 
 
+def _leaves(cls=None, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema -> its type (a section's keys, not the section itself)."""
+    import dataclasses
+    import typing
+
+    cls = cls or Config
+    out: dict[str, Any] = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaves(tp, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = tp
+    return out
+
+
+_BOOLS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _scalar(tp) -> tuple[Optional[str], bool]:
+    """("int" | "float" | "bool" | None, whether null is allowed) of a schema field's type."""
+    import typing
+
+    args = typing.get_args(tp)
+    nullable = typing.get_origin(tp) is typing.Union and type(None) in args
+    if nullable:
+        rest = [a for a in args if a is not type(None)]
+        tp = rest[0] if len(rest) == 1 else tp
+    return {int: "int", float: "float", bool: "bool"}.get(tp), nullable
+
+
+def check_overrides(args: list[str]) -> list[str]:
+    """Check the command line's plain `key=value` overrides against the schema before Hydra sees them:
+    an unknown key or a value of the wrong kind raises ConfigError with one line naming the key (and the
+    nearest keys); an integer key given in float notation with an integral value (`buffer.size=1e6`) is
+    rewritten as the integer. Other arguments (`+preset=...`, `+key=`, `~key`, `hydra.*`, flags, values
+    with interpolations, sweeps or quotes) pass unchanged: Hydra checks those."""
+    import difflib
+    import re
+
+    leaves = _leaves()
+    out = []
+    for arg in args:
+        m = re.fullmatch(r"([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)", arg, flags=re.S)
+        if not m or m.group(1).split(".")[0] in ("hydra", "preset"):
+            out.append(arg)
+            continue
+        key, value = m.groups()
+        if key not in leaves:
+            section, _, name = key.rpartition(".")
+            names = [k[len(section) + 1:] for k in leaves if section and k.startswith(section + ".")]
+            if names:  # a known section: its nearest keys, else all of them
+                near = [f"{section}.{n}" for n in difflib.get_close_matches(name, names, n=2, cutoff=0.6)]
+                hint = f"did you mean {' or '.join(near)}?" if near else f"{section} has {', '.join(names)}"
+            else:
+                near = difflib.get_close_matches(key, leaves, n=2, cutoff=0.8)
+                hint = (f"did you mean {' or '.join(near)}?" if near else
+                        f"the top-level keys are {', '.join(sorted({k.split('.')[0] for k in leaves}))}")
+            raise ConfigError(f"{key}: no such key ({hint})")
+        kind, nullable = _scalar(leaves[key])
+        v = value.strip()
+        if (any(c in v for c in "${},()") or v[:1] in ("'", '"')  # interpolations, sweeps, quoting: Hydra's
+                or (nullable and v.lower() in ("null", "none", "~"))):
+            out.append(arg)
+            continue
+        if kind == "int":
+            try:
+                int(v, 10)
+            except ValueError:
+                try:
+                    f = float(v)
+                except ValueError:
+                    f = math.nan
+                if not (math.isfinite(f) and f == int(f)):
+                    raise ConfigError(f"{key}: {value!r} is not an integer") from None
+                arg = f"{key}={int(f)}"  # buffer.size=1e6 -> 1000000
+        elif kind == "float":
+            try:
+                float(v)
+            except ValueError:
+                raise ConfigError(f"{key}: {value!r} is not a number") from None
+        elif kind == "bool" and v.lower() not in _BOOLS:
+            raise ConfigError(f"{key}: {value!r} is not true or false")
+        out.append(arg)
+    return out
+
+
 def describe_conversion_error(e: Exception) -> str:
     """One line for a value OmegaConf could not convert: the dotted key, and the environment variable and
     its value when the value came from `${oc.env:VAR,default}` (the env preset)."""

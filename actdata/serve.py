@@ -443,8 +443,13 @@ def _exit_now(code: int) -> None:
 def main() -> None:
     import hydra
 
-    from .config import register
+    from .config import check_overrides, register
 
+    try:  # unknown keys and values of the wrong kind: one line, exit 2, before Hydra starts
+        sys.argv[1:] = check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"actdata: bad config: {e}", file=sys.stderr)
+        sys.exit(2)
     register()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

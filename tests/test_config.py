@@ -99,7 +99,40 @@ def test_cli_buffer_larger_than_shm_is_a_clear_error(tmp_path):
 
 def test_cli_type_error_names_the_key(tmp_path):
     r = _serve("+preset=test", "buffer.size=lots", cwd=tmp_path)
-    assert r.returncode != 0 and "buffer.size" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == "actdata: bad config: buffer.size: 'lots' is not an integer"
+
+
+def test_cli_unknown_key_is_one_line_with_the_nearest_key(tmp_path):
+    r = _serve("+preset=test", "bufer.size=5", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "actdata: bad config: bufer.size: no such key (did you mean buffer.size?)"
+
+
+@pytest.mark.parametrize("arg,err", [
+    ("buffer.sizee=5", "buffer.sizee: no such key (did you mean buffer.size?)"),
+    ("buffer.zzz=1", "buffer.zzz: no such key (buffer has size, activation_dim,"),
+    ("zzz=1", "zzz: no such key (the top-level keys are buffer, cluster,"),
+    ("buffer.size=1.5", "buffer.size: '1.5' is not an integer"),
+    ("buffer.min_fill=half", "buffer.min_fill: 'half' is not a number"),
+    ("generator.compile=maybe", "generator.compile: 'maybe' is not true or false"),
+])
+def test_overrides_are_checked_against_the_schema(arg, err):
+    from actdata.config import check_overrides
+
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["+preset=test", arg])
+    assert str(e.value).startswith(err)
+
+
+def test_overrides_that_pass_and_an_integer_in_float_notation():
+    from actdata.config import check_overrides
+
+    args = ["+preset=test", "generator.sites=[mlp_in,mlp_out]", "buffer.activation_dim=null", "buffer.min_fill=0.5",
+            "generator.compile=true", "model.name=${oc.env:MODEL,x}", "buffer.max_reads=1,2", "+extra=1",
+            "hydra.run.dir=.", "--cfg", "job"]
+    assert check_overrides(args) == args  # Hydra's to check
+    assert check_overrides(["buffer.size=1e6", "server.port=8001"]) == ["buffer.size=1000000", "server.port=8001"]
+    assert load(*check_overrides(["+preset=test", "buffer.size=2.5e3"])).buffer.size == 2500
 
 
 def test_cli_prints_composed_config_and_leaves_no_outputs(tmp_path):
