@@ -106,22 +106,31 @@ class GeneratorWorker(ls.LitAPI):
         raise NotImplementedError
 
 
-class _ResponseTensors:
-    """Reusable response tensors for one HTTP process. A fresh 12 MB tensor per request costs ~1 ms of
-    page faults. A tensor is lent out with the body made from it, and reused only once nothing refers to
-    that body any more: the transport may still be sending it after the response has 'completed', so
-    this is tracked with a weak reference to the exported array, not with a callback. At most `keep`
-    tensors and `keep_bytes` bytes are retained; larger or older ones are left to be freed."""
+class _ResponseBodies:
+    """Reusable response memory for one HTTP process, as uint8 tensors that both tensor answers (rows, and
+    the safetensors body with provenance) are built in. A fresh 12 MB body per request costs ~1 ms of page
+    faults (a 75 MB one, ~30 ms). A tensor is lent out with the body made from it, and reused only once
+    nothing refers to that body any more: the transport may still be sending it after the response has
+    'completed', so this is tracked with a weak reference to the exported array, not with a callback. At
+    most `keep` tensors and `keep_bytes` bytes are retained (by default one request's maximum); larger or
+    older ones are left to be freed."""
 
-    def __init__(self, sample_shape: tuple, dtype: torch.dtype, keep: int = 8, keep_bytes: int = 64 << 20):
-        self.sample_shape, self.dtype, self.keep, self.keep_bytes = sample_shape, dtype, keep, keep_bytes
+    def __init__(self, keep: int = 8, keep_bytes: int = 64 << 20):
+        self.keep, self.keep_bytes = keep, keep_bytes
         self.lent: list[tuple[torch.Tensor, weakref.ref]] = []
 
-    def get(self, k: int) -> torch.Tensor:
-        free = [i for i, (t, ref) in enumerate(self.lent) if ref() is None and len(t) >= k]
+    def get(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of at least nbytes (the smallest free one, else a new one of nbytes)."""
+        free = [i for i, (t, ref) in enumerate(self.lent) if ref() is None and t.numel() >= nbytes]
         if free:
-            return self.lent.pop(min(free, key=lambda i: len(self.lent[i][0])))[0]
-        return torch.empty((k, *self.sample_shape), dtype=self.dtype)
+            return self.lent.pop(min(free, key=lambda i: self.lent[i][0].numel()))[0]
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def rows(self, k: int, sample_shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memory to lend, a [k, *sample_shape] tensor of dtype over its start)."""
+        nbytes = k * math.prod(sample_shape) * dtype.itemsize
+        t = self.get(nbytes)
+        return t, t[:nbytes].view(dtype).view(k, *sample_shape)
 
     def lend(self, t: torch.Tensor, body: memoryview) -> None:
         """`t` is in use for as long as `body` (or any view of its array) is alive."""
@@ -252,12 +261,16 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     spec = buffer.spec
     budget = _MemoryBudget(cfg.server.response_memory_bytes)
     # a tensor response costs its rows twice while sent (the body, and the transport's copy of what the
-    # socket has not taken yet), so one request may use at most half of the budget
+    # socket has not taken yet), so one request may use at most half of the budget; with provenance a row
+    # brings 16 bytes more (token id, position, doc id), also at the published maximum
+    row_cost = spec.row_bytes + (16 if spec.provenance else 0)
     max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
                           cfg.server.max_bytes_per_request // spec.row_bytes,
-                          cfg.server.response_memory_bytes // (2 * spec.row_bytes)))
+                          cfg.server.response_memory_bytes // (2 * row_cost)))
     max_json = min(max_rows, json_max_rows(cfg, spec))
-    pool = _ResponseTensors(spec.sample_shape, buffer.data.dtype, keep_bytes=cfg.server.response_memory_bytes // 4)
+    # keeps up to one request's maximum (half the budget; a body above a smaller cap was allocated and
+    # faulted in anew for every request: CLT rows, 75 MB bodies, spent 4x the kernel time of their send)
+    pool = _ResponseBodies(keep_bytes=cfg.server.response_memory_bytes // 2)
     started = time.time()
     retry = {"Retry-After": str(cfg.server.retry_after_s)}
     same_host = {"path": spec.path, "host": host_identity(), "pid": os.getpid(), "nonce": buffer.nonce,
@@ -328,21 +341,22 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
                         "same_host": same_host}  # actdata.local: the buffer file a reader on this host may open
         return st
 
-    prov_pool = _ResponseTensors((), torch.uint8, keep_bytes=cfg.server.response_memory_bytes // 8)  # safetensors bodies
     no_provenance = ("provenance: this server keeps no provenance; start it with generator.provenance=true "
                      "to ask for provenance=1")
 
-    def provenance_body(k: int):
-        """A safetensors body for k rows + provenance, filled in place (see wire.tensors_layout)."""
+    def provenance_body(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(memory to lend, a safetensors body over its start) for k rows + provenance, filled in place
+        (see wire.tensors_layout)."""
         specs = [(n, t, (k,)) for n, t in wire.PROVENANCE.items()] + [("activations", buffer.data.dtype,
                                                                         (k, *spec.sample_shape))]
         prefix, offsets, total = wire.tensors_layout(specs, {"dtype": spec.dtype})
-        body = prov_pool.get(total)[:total]
+        mem = pool.get(total)
+        body = mem[:total]
         body[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
         views = wire.tensor_views(body, specs, offsets)
         rows = views.pop("activations")
         buffer.read_provenance(k, out=rows, prov_out=views)
-        return body
+        return mem, body
 
     @app.get(wire.TENSOR_PATH, summary="Random rows as raw tensor bytes (see X-Tensor-Shape/-Dtype); "
              "with provenance=1 a safetensors body: activations, token_ids, positions, doc_ids",
@@ -357,13 +371,13 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
             return busy(cost)
         try:
             if provenance:  # one safetensors body: rows and provenance gathered into place
-                t = provenance_body(num_samples)
-                body, media = t.numpy().data, wire.SAFETENSORS_MEDIA_TYPE
+                t, filled = provenance_body(num_samples)
+                body, media = filled.numpy().data, wire.SAFETENSORS_MEDIA_TYPE
                 headers = {wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"}
-                prov_pool.lend(t, body)
+                pool.lend(t, body)
             else:
-                t = pool.get(num_samples)
-                _, rows = buffer.read(num_samples, out=t)
+                t, out = pool.rows(num_samples, spec.sample_shape, buffer.data.dtype)
+                _, rows = buffer.read(num_samples, out=out)
                 (body, headers), media = wire.encode(rows), wire.MEDIA_TYPE
                 pool.lend(t, body)
         except NotReady as e:

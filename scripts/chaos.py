@@ -276,7 +276,7 @@ def huge_header(port: int, total: int = 1 << 30) -> tuple[int, bytes]:
 
 def r7(short: bool) -> None:
     budget = 256 << 20
-    pool_cap = budget // 4  # response tensors an HTTP process keeps for reuse (actdata.server)
+    pool_cap = budget // 2  # response tensors an HTTP process keeps for reuse (actdata.server)
     print(f"R7 memory: server.response_memory_bytes={budget >> 20} MB per HTTP process", flush=True)
     with ServerProcess([*SYN, "buffer.size=20000", "buffer.max_reads=1000000000", "server.workers=2",
                         "server.send_timeout_s=5", "server.max_json_bytes=67108864"]) as srv:

@@ -47,6 +47,32 @@ def test_load_no_errors_and_flat_memory(start_server):
         assert after - before < 64, (pid, before, after)  # private memory flat (MB)
 
 
+def test_response_memory_is_reused_up_to_one_request(start_server):
+    """An HTTP process builds each tensor answer in memory it keeps for the next one, up to one request's
+    maximum (half of server.response_memory_bytes): answers at the maximum, with and without provenance,
+    reuse it (a body above a smaller cap was allocated and faulted in anew each time), and every answer
+    holds intact rows."""
+    from actdata.client import ActivationClient
+
+    srv = start_server("buffer.size=4000", "server.workers=1", "server.response_memory_bytes=8000000",
+                       "generator.provenance=true", *REUSE)
+    client = ActivationClient(srv.url)
+    wait_for(lambda: serving(srv.url))
+    k = client.get_stats()["server"]["max_samples_per_request"]
+    assert k == 8_000_000 // (2 * (768 * 4 + 16))  # a row and its provenance, twice (body + socket's copy)
+    for i in range(6):
+        if i % 2:
+            b = client.get_activations_tensor(k, provenance=True)
+            x = b.activations
+            assert torch.equal(b.doc_ids, verify_rows(x)[0])
+        else:
+            x, _ = client.get_activations_tensor(k)
+        assert x.shape == (k, 768) and verify_rows(x)[1].all()
+    mem = client.get_stats()["server"]["response_memory"]
+    assert k * 768 * 4 <= mem["pool_retained"] <= 8_000_000 // 2
+    assert mem["used"] == 0
+
+
 def test_integrity_serve_once_under_a_running_writer(start_server):
     srv = start_server("buffer.size=8000", "buffer.min_fill=0.25")
     r = read_rows(srv.url, total=100_000, clients=6)
