@@ -14,6 +14,7 @@ GET /metrics (Prometheus).
 """
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import hmac
 import json
@@ -150,7 +151,10 @@ class _ResponseBodies:
 class _MemoryBudget:
     """Bytes of response memory one HTTP process holds at once (bodies being built or sent). A request
     takes its share before it reads rows and gives it back when its response is done (sent, or aborted
-    by the send timeout); a request that does not fit gets 503 + Retry-After instead of memory."""
+    by the send timeout); a request that does not fit gets 503 + Retry-After instead of memory. The tensor
+    route first waits for it, up to the Retry-After it would send (`wait_take`): a request at the
+    per-request maximum takes the whole budget while it is sent, so a second one to the same process
+    would otherwise stall its client for a full Retry-After where a few tens of ms suffice."""
 
     def __init__(self, limit: int):
         self.limit, self.used, self._lock = int(limit), 0, threading.Lock()
@@ -161,6 +165,16 @@ class _MemoryBudget:
                 return False
             self.used += n
             return True
+
+    async def wait_take(self, n: int, wait_s: float) -> bool:
+        """take(n), polling while the event loop sends the answers holding the budget, for up to wait_s."""
+        deadline, pause = time.monotonic() + wait_s, 0.001
+        while not self.take(n):
+            if n > self.limit or time.monotonic() + pause > deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(0.02, pause * 2)
+        return True
 
     def give(self, n: int) -> None:
         with self._lock:
@@ -367,7 +381,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
         if provenance and not spec.provenance:
             return _error(422, no_provenance)
         cost = 2 * num_samples * (spec.row_bytes + (16 if provenance else 0))
-        if not budget.take(cost):
+        if not await budget.wait_take(cost, cfg.server.retry_after_s):
             return busy(cost)
         try:
             if provenance:  # one safetensors body: rows and provenance gathered into place

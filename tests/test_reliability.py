@@ -73,6 +73,27 @@ def test_response_memory_is_reused_up_to_one_request(start_server):
     assert mem["used"] == 0
 
 
+def test_requests_at_the_maximum_wait_for_memory_instead_of_503(start_server):
+    """A request at the per-request maximum takes the whole response budget of its HTTP process while it
+    is sent; concurrent ones wait for it (up to server.retry_after_s) instead of a 503 that would stall
+    their clients for the whole Retry-After."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = start_server("buffer.size=12000", "server.workers=1", "server.response_memory_bytes=64000000",
+                       "server.retry_after_s=10", *REUSE)  # 32 MB answers: sent over many turns of the loop
+    wait_for(lambda: serving(srv.url))
+    k = requests.get(srv.url + "/stats").json()["server"]["max_samples_per_request"]
+
+    def get(_):
+        with requests.Session() as s:
+            return [s.get(srv.url + wire.TENSOR_PATH, params={"num_samples": k}) for _ in range(3)]
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = [r for rs in pool.map(get, range(6)) for r in rs]
+    assert [r.status_code for r in answers] == [200] * 18
+    assert all(verify_rows(wire.decode(r.content, r.headers))[1].all() for r in answers)
+
+
 def test_integrity_serve_once_under_a_running_writer(start_server):
     srv = start_server("buffer.size=8000", "buffer.min_fill=0.25")
     r = read_rows(srv.url, total=100_000, clients=6)
