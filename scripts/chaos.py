@@ -7,7 +7,7 @@ R6  slow clients: slow-header connections (one byte a second) plus normal stream
     retried and counted).
 R7  memory: never-reading clients, a JSON flood at the per-request maximum, a 1 GB header block: each
     HTTP process's private memory (RssAnon) stays within server.response_memory_bytes + 64 MB of its
-    idle value, and comes back to within the retained-tensor cap (a quarter of the budget) + 16 MB of
+    idle value, and comes back to within the retained-body cap (half the budget) + 16 MB of
     it after the clients leave.
 R8  faults: ENOSPC on a small private tmpfs for 3 s (writing pauses and resumes, /stats says why); two
     buffers overcommitting that tmpfs (the second refused at start); kill -9 of the generator, of one
