@@ -398,9 +398,18 @@ def _group_alive(pgid: int) -> bool:
 
 
 STOPPING = threading.Event()  # set once a stop was asked for: the supervisor restarts nothing after it
+_interrupted = False
 
 
 def _interrupt(signum, frame):
+    """The first SIGTERM / SIGINT stops the server (KeyboardInterrupt in the main thread); later ones
+    return at once. A signal handler runs inside whatever the main thread was doing: a second signal
+    arriving within the first one's STOPPING.set() would wait forever on the lock the first one holds
+    (a server SIGTERMed several times in a row hung that way, half stopped)."""
+    global _interrupted
+    if _interrupted:
+        return
+    _interrupted = True
     STOPPING.set()
     raise KeyboardInterrupt
 

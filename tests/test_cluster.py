@@ -56,6 +56,7 @@ def cluster(tmp_path_factory):
     _need_ray()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     tmp = tmp_path_factory.mktemp("cluster")
+    servers: list[int] = []
     log = open(str(tmp / "driver.log"), "wb")
     # Ray runs in its own process (this one forks DataLoader workers, which Ray's threads make unsafe);
     # the third node has the label but no CPU for a server
@@ -80,6 +81,7 @@ def cluster(tmp_path_factory):
             url = _wait("the directory", directory_url)
             _wait("two serving servers", lambda: _get(url + "/")["serving_servers"] == 2)
             yield {"url": url, "log": log.name}
+            servers = [s["server_pid"] for s in _get(url + "/servers")["servers"]]
         finally:
             driver.send_signal(signal.SIGTERM)
             try:
@@ -91,6 +93,22 @@ def cluster(tmp_path_factory):
         sim.stdin.close()  # it shuts down the cluster it started, and only that one
         sim.wait(120)
         log.close()
+    # the driver's stop stops every server it started; one left behind would serve on, orphaned
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(p) for p in servers):
+        time.sleep(0.2)
+    left = [p for p in servers if _alive(p)]
+    for p in left:
+        os.killpg(p, signal.SIGKILL)
+    assert not left, f"servers left running after the cluster stopped: {left}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_directory_lists_one_server_per_node_and_says_why_a_node_has_none(cluster):

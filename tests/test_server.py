@@ -142,6 +142,34 @@ def test_api_key(start_server):
     assert ok.status_code == 200
 
 
+def test_a_stop_signal_within_the_first_one_returns_at_once(monkeypatch):
+    """A second SIGTERM / SIGINT that arrives while the first one's handler is inside STOPPING.set() (its
+    lock held by the main thread) returns instead of waiting on that lock forever: a server SIGTERMed
+    several times in a row once hung that way, half stopped, until SIGKILL."""
+    import signal as sig
+    import threading
+
+    import actdata.serve as serve
+
+    monkeypatch.setattr(serve, "STOPPING", threading.Event())
+    monkeypatch.setattr(serve, "_interrupted", False, raising=False)
+    outcome = []
+
+    def main_thread():
+        try:
+            serve._interrupt(sig.SIGTERM, None)
+        except KeyboardInterrupt:
+            outcome.append("stop")
+        with serve.STOPPING._cond:  # where the first handler is when the next signal lands
+            serve._interrupt(sig.SIGTERM, None)
+            outcome.append("returned")
+
+    t = threading.Thread(target=main_thread, daemon=True)
+    t.start()
+    t.join(5)
+    assert outcome == ["stop", "returned"] and serve.STOPPING.is_set()
+
+
 def test_sigterm_stops_every_process_and_unlinks_shm(start_server):
     srv = start_server()
     wait_serving(srv.url)
