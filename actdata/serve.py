@@ -201,6 +201,20 @@ def _watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event
             last_line = time.time()
 
 
+EXIT_WITH_PARENT = "ACTDATA_EXIT_WITH_PARENT"  # set by ServerProcess(die_with_parent=True)
+
+
+def _exit_with_parent(parent: int, stop: threading.Event) -> None:
+    """Stop the server once the process that started it is gone. Backs up PR_SET_PDEATHSIG, which
+    fires when the parent's *thread* ends, not its process, and which a cluster test's server once
+    outlived (its Ray actor gone, the server serving on, orphaned)."""
+    while not stop.wait(0.5):
+        if os.getppid() != parent:
+            log.warning("the process that started this server (pid %d) is gone: stopping", parent)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 def _guarded(fn):
     """Run one periodic job; an error is logged, never allowed to end the watch."""
     try:
@@ -264,6 +278,9 @@ def serve(cfg: Config) -> None:
         url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
         threading.Thread(target=_watch, args=(url, cfg, buffer, sup, stop), name="actdata-supervisor",
                          daemon=True).start()
+        if os.environ.get(EXIT_WITH_PARENT) == "1":
+            threading.Thread(target=_exit_with_parent, args=(os.getppid(), stop), name="actdata-parent-watch",
+                             daemon=True).start()
         s = cfg.server
         # each connection costs an HTTP process one descriptor: stay below the limit so accept() never fails
         max_conn = s.max_connections or max(64, nofile - 128)
@@ -329,7 +346,8 @@ class ServerProcess:
 
         self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True,
+                                     env={**os.environ, **(env or {}), **({EXIT_WITH_PARENT: "1"} if die_with_parent else {})},
+                                     start_new_session=True,
                                      preexec_fn=_pdeathsig if die_with_parent else None)
         self.url, self.port = None, None
         deadline = time.time() + timeout

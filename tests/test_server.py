@@ -170,6 +170,34 @@ def test_a_stop_signal_within_the_first_one_returns_at_once(monkeypatch):
     assert outcome == ["stop", "returned"] and serve.STOPPING.is_set()
 
 
+@pytest.mark.parametrize("how", ["watch", "pdeathsig"])
+def test_a_server_stops_when_the_process_that_started_it_dies(how):
+    """ServerProcess(die_with_parent=True) (a Ray actor's server): when the starting process is killed the
+    server stops cleanly, by its own watch of its parent ("watch": that alone, no PR_SET_PDEATHSIG) and
+    with both ("pdeathsig")."""
+    import subprocess
+    import sys
+
+    start = ('env={"ACTDATA_EXIT_WITH_PARENT": "1"}' if how == "watch" else "die_with_parent=True")
+    code = ("import time\nfrom actdata.serve import ServerProcess\n"
+            f"srv = ServerProcess(['+preset=test', 'generator.source=synthetic', 'generator.state_dir=null'], {start})\n"
+            "print(srv.proc.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        assert group_pids(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.time() + 30
+    while group_pids(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = group_pids(pid)
+    if left:
+        os.killpg(pid, signal.SIGKILL)
+    assert not left and not shm_files(pid)  # stopped, and cleaned up as on SIGTERM
+
+
 def test_sigterm_stops_every_process_and_unlinks_shm(start_server):
     srv = start_server()
     wait_serving(srv.url)
