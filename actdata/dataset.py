@@ -363,7 +363,8 @@ class _ReadAhead:
             lane.jobs.put(None)
         deadline = time.monotonic() + join_s
         for lane in self.lanes:
-            lane.thread.join(max(0.0, deadline - time.monotonic()))
+            if lane.thread is not threading.current_thread():  # (a close from a finalizer run in a lane)
+                lane.thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Lane:
