@@ -25,6 +25,7 @@ from actdata.client import ActivationClient, ActivationServerError
 from actdata.dataset import RemoteActivationDataset, make_loader
 from actdata.discovery import DirectoryClient, NotADirectory
 from actdata.synthetic import verify_rows
+from conftest import group_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECT_STORE = 75 * 1024 * 1024  # Ray's object store lives in /dev/shm, beside the buffers: keep it small
@@ -95,20 +96,12 @@ def cluster(tmp_path_factory):
         log.close()
     # the driver's stop stops every server it started; one left behind would serve on, orphaned
     deadline = time.time() + 20
-    while time.time() < deadline and any(_alive(p) for p in servers):
+    while time.time() < deadline and any(group_pids(p) for p in servers):  # each server leads its group
         time.sleep(0.2)
-    left = [p for p in servers if _alive(p)]
+    left = [p for p in servers if group_pids(p)]
     for p in left:
         os.killpg(p, signal.SIGKILL)
     assert not left, f"servers left running after the cluster stopped: {left}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_directory_lists_one_server_per_node_and_says_why_a_node_has_none(cluster):
