@@ -276,8 +276,9 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     budget = _MemoryBudget(cfg.server.response_memory_bytes)
     # a tensor response costs its rows twice while sent (the body, and the transport's copy of what the
     # socket has not taken yet), so one request may use at most half of the budget; with provenance a row
-    # brings 16 bytes more (token id, position, doc id), also at the published maximum
-    row_cost = spec.row_bytes + (16 if spec.provenance else 0)
+    # brings its doc id, token id and position too, also at the published maximum
+    prov_bytes = sum(t.itemsize for t in wire.PROVENANCE.values())
+    row_cost = spec.row_bytes + (prov_bytes if spec.provenance else 0)
     max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
                           cfg.server.max_bytes_per_request // spec.row_bytes,
                           cfg.server.response_memory_bytes // (2 * row_cost)))
@@ -380,7 +381,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     async def activations_tensor(num_samples: int = NumSamples, provenance: bool = Provenance):
         if provenance and not spec.provenance:
             return _error(422, no_provenance)
-        cost = 2 * num_samples * (spec.row_bytes + (16 if provenance else 0))
+        cost = 2 * num_samples * (spec.row_bytes + (prov_bytes if provenance else 0))
         if not await budget.wait_take(cost, cfg.server.retry_after_s):
             return busy(cost)
         try:
