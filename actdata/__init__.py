@@ -7,11 +7,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # light imports: the client side need not load the server stack
     if name in ("ActivationClient",):
-        from .client import ActivationClient
+        from .reading.client import ActivationClient
 
         return ActivationClient
     if name in ("RemoteActivationDataset", "ActivationDataModule"):
-        from . import dataset
+        from .reading import dataset
 
         return getattr(dataset, name)
     raise AttributeError(name)

@@ -289,7 +289,7 @@ def row_bytes(shape: tuple[int, ...], dtype: str) -> int:
 
 def estimate_bytes(cfg: Config, shape: tuple[int, ...]) -> int:
     """Bytes the buffer will take: rows plus the per-slot index arrays (see buffer.py)."""
-    from .buffer import index_bytes
+    from .shm.buffer import index_bytes
 
     return cfg.buffer.size * row_bytes(shape, cfg.buffer.dtype) + index_bytes(cfg.buffer.size, cfg.generator.provenance)
 

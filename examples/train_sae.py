@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import lightning.pytorch as pl
 
-from actdata.client import ActivationClient
-from actdata.dataset import RemoteActivationDataset, make_loader
+from actdata.reading.client import ActivationClient
+from actdata.reading.dataset import RemoteActivationDataset, make_loader
 
 
 class TopKSAE(pl.LightningModule):

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from actdata.buffer import SharedActivationBuffer
+from actdata.shm.buffer import SharedActivationBuffer
 from bench_serve import memcpy_gbps  # the limit, measured the same way as in every bench script
 
 

@@ -45,12 +45,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from actdata.buffer import SharedActivationBuffer
-from actdata.model import load_model, load_tokenizer, model_path
-from actdata.pipeline import ModelSource
-from actdata.sites import sample_shape
+from actdata.shm.buffer import SharedActivationBuffer
+from actdata.generation.loading import load_model, load_tokenizer, model_path
+from actdata.generation.model_source import ModelSource
+from actdata.generation.sites import sample_shape
 from actdata.config import Config
-from actdata.text import TokenBlocks
+from actdata.generation.text import TokenBlocks
 from actdata.wire import DTYPES
 
 
@@ -102,10 +102,10 @@ class Actdata:
         self.buf = SharedActivationBuffer.create(rows * (batches + 2), shape, cfg.buffer.dtype,
                                                  provenance=cfg.generator.provenance)
         self.progress, self.extra, self.batch_s = None, [], []
-        if origin:  # provenance, statistics and the saved position, as actdata.generator keeps them
+        if origin:  # provenance, statistics and the saved position, as actdata.generation.loop keeps them
             import tempfile
 
-            from actdata.generator import Progress
+            from actdata.generation.loop import Progress
 
             cfg.generator.state_dir = tempfile.mkdtemp(prefix="actdata-bench-state-")
             self.progress = Progress(cfg, self.buf.spec, "bench", 0, 1)

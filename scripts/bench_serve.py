@@ -32,9 +32,9 @@ import time
 import requests
 import torch
 
-from actdata.client import ActivationClient, TensorReader
-from actdata.dataset import RemoteActivationDataset
-from actdata.serve import ServerProcess
+from actdata.reading.client import ActivationClient, TensorReader
+from actdata.reading.dataset import RemoteActivationDataset
+from actdata.serving.main import ServerProcess
 
 MB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,7 +296,7 @@ def main() -> None:
                     ratios.append((f"{form} / batch_size=None, {ws} (median of paired reps)", r))
                 print(rows_out[-1], f"{r:.2f} x batch_size=None", flush=True)
 
-        # num_workers=0 in a training loop: the next batch is read while the step runs (actdata.dataset)
+        # num_workers=0 in a training loop: the next batch is read while the step runs (actdata.reading.dataset)
         step = 0.008
         fetch, loop = overlap_rates(url, k, batches, step)
         ratios.append((f"0 workers, 8 ms step: loop / max(fetch {fetch * 1e3:.1f} ms, step)", loop / max(fetch, step)))

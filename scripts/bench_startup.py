@@ -17,9 +17,9 @@ import time
 
 import requests
 
-from actdata.buffer import SHM_DIR, SharedActivationBuffer
-from actdata.client import TensorReader
-from actdata.serve import ServerProcess
+from actdata.shm.buffer import SHM_DIR, SharedActivationBuffer
+from actdata.reading.client import TensorReader
+from actdata.serving.main import ServerProcess
 
 GB = 1e9
 

@@ -35,13 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from actdata.buffer import NotReady, SharedActivationBuffer  # noqa: E402
+from actdata.shm.buffer import NotReady, SharedActivationBuffer  # noqa: E402
 from actdata.config import Config  # noqa: E402
-from actdata.generator import run_supervised  # noqa: E402
-from actdata.replay import StoreSource  # noqa: E402
-from actdata.serve import ServerProcess  # noqa: E402
-from actdata.store import StoreWriter, describe, manifest_name, open_store  # noqa: E402
-from actdata.synthetic import make_rows  # noqa: E402
+from actdata.generation.loop import run_supervised  # noqa: E402
+from actdata.storage.replay import StoreSource  # noqa: E402
+from actdata.serving.main import ServerProcess  # noqa: E402
+from actdata.storage.store import StoreWriter, describe, manifest_name, open_store  # noqa: E402
+from actdata.generation.synthetic import make_rows  # noqa: E402
 from bench_serve import dataloader_rate, wait_full  # noqa: E402
 
 MB = 1 << 20

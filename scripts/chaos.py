@@ -45,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from actdata import wire  # noqa: E402
-from actdata.serve import ServerProcess  # noqa: E402
-from actdata.synthetic import verify_rows  # noqa: E402
+from actdata.serving.main import ServerProcess  # noqa: E402
+from actdata.generation.synthetic import verify_rows  # noqa: E402
 from load_test import rss_mb, server_pids  # noqa: E402
 
 SYN = ["+preset=test", "generator.source=synthetic"]
@@ -276,7 +276,7 @@ def huge_header(port: int, total: int = 1 << 30) -> tuple[int, bytes]:
 
 def r7(short: bool) -> None:
     budget = 256 << 20
-    pool_cap = budget // 2  # response tensors an HTTP process keeps for reuse (actdata.server)
+    pool_cap = budget // 2  # response tensors an HTTP process keeps for reuse (actdata.serving.app)
     print(f"R7 memory: server.response_memory_bytes={budget >> 20} MB per HTTP process", flush=True)
     with ServerProcess([*SYN, "buffer.size=20000", "buffer.max_reads=1000000000", "server.workers=2",
                         "server.send_timeout_s=5", "server.max_json_bytes=67108864"]) as srv:
@@ -520,7 +520,7 @@ def r9() -> None:
 
 
 def _children(pid: int) -> list[int]:
-    from actdata.logs import descendants
+    from actdata.serving.procs import descendants
 
     return [p for p in descendants(pid)]
 

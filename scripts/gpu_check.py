@@ -46,10 +46,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
-from actdata.buffer import SharedActivationBuffer
+from actdata.shm.buffer import SharedActivationBuffer
 from actdata.config import Config, ConfigError
-from actdata.pipeline import ModelSource
-from actdata.sites import sample_shape
+from actdata.generation.model_source import ModelSource
+from actdata.generation.sites import sample_shape
 
 ROWS: list[tuple[str, str, str, str]] = []
 
@@ -98,7 +98,7 @@ def first_items(src: ModelSource, n: int) -> list:
 def check_placement(args, report):
     n = torch.cuda.device_count() if args.cuda else 0
     if n >= 2:
-        from actdata.serve import ServerProcess
+        from actdata.serving.main import ServerProcess
 
         with ServerProcess(["+preset=test", "server.accelerator=cuda", "server.devices=2", "buffer.size=20000",
                             "generator.batch_size=8"], timeout=240) as srv:
@@ -135,7 +135,7 @@ def check_placement(args, report):
 
 @check("dtype", "auto -> bf16 on CUDA; fp32 -> TF32")
 def check_dtype(args, report):
-    from actdata.placement import describe_dtype, resolve_dtype
+    from actdata.generation.placement import describe_dtype, resolve_dtype
 
     auto = resolve_dtype("auto", args.device)
     text = describe_dtype("float32", args.device)
@@ -230,7 +230,7 @@ def check_stop(args, report):
 
 @check("free", "device memory back to baseline", needs_cuda=True)
 def check_free(args, report):
-    from actdata.generator import release_source
+    from actdata.generation.loop import release_source
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -247,8 +247,8 @@ def check_free(args, report):
 
 POISON = r"""
 import sys, threading, torch
-from actdata import generator as gen
-from actdata.buffer import BufferSpec
+from actdata.generation import loop as gen
+from actdata.shm.buffer import BufferSpec
 from actdata.config import Config
 class Src:
     def __iter__(self):
@@ -263,7 +263,7 @@ gen.run_supervised(Config(), BufferSpec(sys.argv[1], 100, (16,), "float32"), "cu
 
 @check("poisoned", "process exits with POISONED_EXIT", needs_cuda=True)
 def check_poisoned(args, report):
-    from actdata.generator import POISONED_EXIT, read_statuses
+    from actdata.generation.loop import POISONED_EXIT, read_statuses
 
     buf = SharedActivationBuffer.create(100, (16,), "float32")
     try:
@@ -346,7 +346,7 @@ def build_1b(path: str, small: bool, device: str) -> str:
     """A Llama of ~1.2B parameters (or a small one) with random weights and the embedded tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from actdata.embedded import model_dir
+    from actdata.generation.embedded import model_dir
 
     tok = AutoTokenizer.from_pretrained(model_dir())
     tok.save_pretrained(path)

@@ -18,7 +18,7 @@ import time
 from urllib.parse import urlsplit
 
 from actdata import wire
-from actdata.synthetic import verify_rows
+from actdata.generation.synthetic import verify_rows
 
 
 def read_rows(url: str, total: int, clients: int, batch: int = 1024, timeout: float = 600) -> dict:
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--max-reads", type=int, default=1)
     ap.add_argument("--buffer", type=int, default=20_000)
     a = ap.parse_args()
-    from actdata.serve import ServerProcess
+    from actdata.serving.main import ServerProcess
 
     with ServerProcess(["+preset=test", "generator.source=synthetic", f"buffer.size={a.buffer}",
                         f"buffer.max_reads={a.max_reads}", "buffer.min_fill=0.25"]) as srv:

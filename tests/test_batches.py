@@ -1,4 +1,4 @@
-"""Batch memory of DataLoader workers (actdata.batches): a slot is reused only when neither process holds
+"""Batch memory of DataLoader workers (actdata.reading.batchslots): a slot is reused only when neither process holds
 its batch, and batches reach the main process as plain tensors with the worker's bytes."""
 import gc
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from actdata import batches
-from actdata.batches import BatchPool, SlotBatch, worker_pool
-from actdata.dataset import RemoteActivationDataset
-from actdata.synthetic import verify_rows
+from actdata.reading import batchslots as batches
+from actdata.reading.batchslots import BatchPool, SlotBatch, worker_pool
+from actdata.reading.dataset import RemoteActivationDataset
+from actdata.generation.synthetic import verify_rows
 
 
 class Numbered(IterableDataset):

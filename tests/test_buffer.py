@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from actdata.buffer import (FREE, READING, READY, WRITING, BufferSpaceError, NotReady, SharedActivationBuffer,
+from actdata.shm.buffer import (FREE, READING, READY, WRITING, BufferSpaceError, NotReady, SharedActivationBuffer,
                             reclaim_stale)
-from actdata.synthetic import make_rows, verify_rows
+from actdata.generation.synthetic import make_rows, verify_rows
 
 
 def test_state_machine_and_serve_once():

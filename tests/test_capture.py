@@ -14,11 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from actdata.model import load_model
-from actdata.pipeline import ModelSource
-from actdata.sites import Capture, OutlierFilter, keep_mask, make_plan, sample_shape
+from actdata.generation.loading import load_model
+from actdata.generation.model_source import ModelSource
+from actdata.generation.sites import Capture, OutlierFilter, keep_mask, make_plan, sample_shape
 from actdata.config import SITES, Config, ConfigError
-from actdata.text import TokenBlocks
+from actdata.generation.text import TokenBlocks
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -203,7 +203,7 @@ def test_outlier_filter_drops_only_large_norm_rows():
 def test_a_bad_corpus_stops_the_source_before_its_model_loads(tiny, tmp_path, monkeypatch):
     """A dataset that does not open or lacks the text column fails in the source's constructor, naming
     the key, before the tokenizer and model are loaded (a production model takes minutes)."""
-    import actdata.pipeline as pipeline
+    import actdata.generation.model_source as pipeline
 
     def loaded(*a, **k):
         raise AssertionError("the model was loaded before the corpus was checked")

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from actdata.client import ActivationClient, ActivationServerError, ServerUnavailable, TensorReader
-from actdata.serve import ServerProcess
-from actdata.synthetic import verify_rows
+from actdata.reading.client import ActivationClient, ActivationServerError, ServerUnavailable, TensorReader
+from actdata.serving.main import ServerProcess
+from actdata.generation.synthetic import verify_rows
 from conftest import SYNTHETIC
 
 KEY = "k3y-for-tests"

@@ -21,10 +21,10 @@ import urllib.request
 import pytest
 import torch
 
-from actdata.client import ActivationClient, ActivationServerError
-from actdata.dataset import RemoteActivationDataset, make_loader
-from actdata.discovery import DirectoryClient, NotADirectory
-from actdata.synthetic import verify_rows
+from actdata.reading.client import ActivationClient, ActivationServerError
+from actdata.reading.dataset import RemoteActivationDataset, make_loader
+from actdata.reading.directory import DirectoryClient, NotADirectory
+from actdata.generation.synthetic import verify_rows
 from conftest import group_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +192,7 @@ def test_no_ray_cluster_at_the_address_is_one_line():
 
 
 def test_node_selection_and_missing_resources():
-    from actdata.cluster import missing_resources, select_nodes
+    from actdata.cluster.driver import missing_resources, select_nodes
     from actdata.config import ClusterConfig, ConfigError
 
     def node(i, **res):
@@ -216,7 +216,7 @@ def test_directory_conventions_without_ray():
     """The directory alone (no Ray): API key on all but GET /, {"detail"} errors, a silent member not listed."""
     import urllib.error
 
-    from actdata.directory import Directory
+    from actdata.cluster.directory import Directory
 
     d = Directory(api_key="sekret", poll_interval_s=0.1, drop_after_s=0.3)
     url = d.start()

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from actdata.config import Config, ConfigError, register, to_config, validate
-from actdata.serve import CONF_DIR
+from actdata.serving.main import CONF_DIR
 
 register()
 
@@ -30,7 +30,7 @@ def test_presets_compose(preset, size, dim, dtype):
 
 
 def test_test_preset_synthetic_is_1000_by_768():
-    from actdata.serve import sample_shape
+    from actdata.serving.main import sample_shape
 
     cfg = load("+preset=test", "generator.source=synthetic")
     assert cfg.buffer.size == 1000 and sample_shape(cfg) == (768,)

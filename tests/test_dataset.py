@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from actdata.client import ActivationClient, ActivationServerError, ServerUnavailable
-from actdata.dataset import ActivationDataModule, RemoteActivationDataset, make_loader, split_evenly
-from actdata.serve import ServerProcess
-from actdata.synthetic import verify_rows
+from actdata.reading.client import ActivationClient, ActivationServerError, ServerUnavailable
+from actdata.reading.dataset import ActivationDataModule, RemoteActivationDataset, make_loader, split_evenly
+from actdata.serving.main import ServerProcess
+from actdata.generation.synthetic import verify_rows
 from conftest import SYNTHETIC
 
 

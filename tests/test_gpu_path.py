@@ -28,13 +28,13 @@ import numpy as np
 import pytest
 import torch
 
-from actdata import generator as gen
-from actdata.buffer import BufferSpec, SharedActivationBuffer
+from actdata.generation import loop as gen
+from actdata.shm.buffer import BufferSpec, SharedActivationBuffer
 from actdata.config import Config, ConfigError, validate
-from actdata.model import load_model
-from actdata.pipeline import ModelSource
-from actdata.placement import poisons_context, resolve_dtype, cpu_auto_dtype
-from actdata.sites import OutlierFilter, sample_shape
+from actdata.generation.loading import load_model
+from actdata.generation.model_source import ModelSource
+from actdata.generation.placement import poisons_context, resolve_dtype, cpu_auto_dtype
+from actdata.generation.sites import OutlierFilter, sample_shape
 
 from test_capture import build, make_cfg, reference
 
@@ -180,8 +180,8 @@ def test_restart_frees_the_old_source_before_building_the_new_one(monkeypatch):
 POISON_SCRIPT = r"""
 import sys, threading
 import numpy as np, torch
-from actdata import generator as gen
-from actdata.buffer import BufferSpec
+from actdata.generation import loop as gen
+from actdata.shm.buffer import BufferSpec
 from actdata.config import Config
 
 class Poisoned:
@@ -273,7 +273,7 @@ def test_float16_overflow_rows_are_dropped_and_counted(overflowing, corpus):
 
 
 def test_overflow_count_reaches_status_and_metrics(overflowing, corpus, tmp_path):
-    from actdata.metrics import ServingMetrics, render
+    from actdata.serving.metrics import ServingMetrics, render
 
     cfg = cfg_for(overflowing, corpus, sites=("resid_pre",), layers=(0,))
     cfg.buffer.dtype = "float16"

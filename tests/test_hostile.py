@@ -13,8 +13,8 @@ import requests
 import torch
 
 from actdata import wire
-from actdata.buffer import BufferSpaceError, SharedActivationBuffer, owner_lock_path, reclaim_stale
-from actdata.synthetic import make_rows, row_ids
+from actdata.shm.buffer import BufferSpaceError, SharedActivationBuffer, owner_lock_path, reclaim_stale
+from actdata.generation.synthetic import make_rows, row_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -129,7 +129,7 @@ def test_no_row_served_twice_across_a_generator_kill(start_server, tmp_path):
 _HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from actdata.buffer import SharedActivationBuffer
+from actdata.shm.buffer import SharedActivationBuffer
 b = SharedActivationBuffer.create(100, (16,), "float32", path=sys.argv[2])
 print(b.spec.path, flush=True)
 time.sleep(600)

@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from actdata import wire
-from actdata.client import ActivationClient, ActivationServerError, TensorReader
-from actdata.dataset import RemoteActivationDataset
-from actdata.serve import ServerProcess
-from actdata.synthetic import verify_rows
+from actdata.reading.client import ActivationClient, ActivationServerError, TensorReader
+from actdata.reading.dataset import RemoteActivationDataset
+from actdata.serving.main import ServerProcess
+from actdata.generation.synthetic import verify_rows
 from conftest import SYNTHETIC
 
 
@@ -99,7 +99,7 @@ def test_budgets_and_a_custom_collate(server):
     ("large-scale", ["buffer.size=20000"], 4096, 4096),
 ])
 def test_datamodule_defaults_work_against_every_preset(preset, overrides, rows, width):
-    from actdata.dataset import ActivationDataModule
+    from actdata.reading.dataset import ActivationDataModule
 
     srv = start(*overrides, "generator.source=synthetic", base=[f"+preset={preset}"])
     try:
@@ -135,7 +135,7 @@ def test_same_host_reads_the_buffer_directly_and_serve_once_holds_with_http(serv
 
 
 def test_same_host_identity_checks(server):
-    from actdata.local import open_same_host
+    from actdata.reading.samehost import open_same_host
 
     published = ActivationClient(server.url).get_stats()["server"]["same_host"]
     reader, why = open_same_host(published)
@@ -152,8 +152,8 @@ def test_same_host_identity_checks(server):
 def test_claims_of_a_dead_same_host_reader_are_reclaimed(server):
     code = textwrap.dedent(f"""
         import os
-        from actdata.client import ActivationClient
-        from actdata.local import open_same_host
+        from actdata.reading.client import ActivationClient
+        from actdata.reading.samehost import open_same_host
         reader, why = open_same_host(ActivationClient({server.url!r}).get_stats()["server"]["same_host"])
         ids, epoch = reader.buffer.claim_ready(50)
         print(len(ids), flush=True)
@@ -222,15 +222,15 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is not installed here")
 sys.meta_path.insert(0, Block())
 from torch.utils.data import DataLoader
-from actdata.client import ActivationClient
-from actdata.dataset import RemoteActivationDataset
+from actdata.reading.client import ActivationClient
+from actdata.reading.dataset import RemoteActivationDataset
 url = sys.argv[1]
 print(ActivationClient(url).get_stats()["valid_samples"] > 0)
 for local in (True, False):
     x = next(iter(DataLoader(RemoteActivationDataset(url, local=local), batch_size=64, num_workers=1)))
     print(tuple(x.shape))
 try:
-    from actdata.dataset import ActivationDataModule
+    from actdata.reading.dataset import ActivationDataModule
 except ImportError as e:
     print("datamodule:", e)
 print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))

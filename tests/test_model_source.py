@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from actdata.buffer import BufferSpec, SharedActivationBuffer
-from actdata.pipeline import ModelSource
-from actdata.sites import sample_shape
+from actdata.shm.buffer import BufferSpec, SharedActivationBuffer
+from actdata.generation.model_source import ModelSource
+from actdata.generation.sites import sample_shape
 from actdata.config import Config, ConfigError
-from actdata.generator import read_statuses, run_supervised
+from actdata.generation.loop import read_statuses, run_supervised
 
 
 def embedded_cfg(**gen) -> Config:

@@ -18,12 +18,12 @@ import safetensors.torch
 import torch
 
 from actdata import wire
-from actdata.client import ActivationClient, ActivationServerError, ProvenanceBatch, scaling_factor
+from actdata.reading.client import ActivationClient, ActivationServerError, ProvenanceBatch, scaling_factor
 from actdata.config import Config, ConfigError, DatasetConfig
-from actdata.position import GeneratorState, check_state_dir, identity
+from actdata.generation.state import GeneratorState, check_state_dir, identity
 from actdata.stats import RunningStats
-from actdata.synthetic import CONTEXT_ROWS, make_rows, row_ids
-from actdata.text import TokenBlocks, documents, share
+from actdata.generation.synthetic import CONTEXT_ROWS, make_rows, row_ids
+from actdata.generation.text import TokenBlocks, documents, share
 
 
 class WordTokenizer:
@@ -50,7 +50,7 @@ DOCS = [f"doc{i} " + " ".join(f"w{i}_{j}" for j in range(3 + i % 7)) for i in ra
 # -- the partition -------------------------------------------------------------------------------------
 
 def test_embedded_corpus_is_split_into_disjoint_shares_ordered_per_generator_and_pass():
-    from actdata.embedded import kjv_chapters
+    from actdata.generation.embedded import kjv_chapters
 
     d = DatasetConfig(name="embedded", seed=3)
     shares = [list(documents(d, 0, g, 3)) for g in range(3)]
@@ -283,7 +283,7 @@ def test_model_provenance_matches_an_independent_tokenisation_and_resumes(start_
     dir, the generators continue: later contexts of the same streams, never an earlier one."""
     from transformers import AutoTokenizer
 
-    from actdata.embedded import model_dir
+    from actdata.generation.embedded import model_dir
 
     tok = AutoTokenizer.from_pretrained(model_dir())
     T = 32

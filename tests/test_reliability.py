@@ -12,10 +12,10 @@ import requests
 import torch
 
 from actdata import wire
-from actdata.buffer import SharedActivationBuffer
+from actdata.shm.buffer import SharedActivationBuffer
 from actdata.config import Config
-from actdata.generator import read_statuses, run_supervised
-from actdata.synthetic import make_rows, verify_rows
+from actdata.generation.loop import read_statuses, run_supervised
+from actdata.generation.synthetic import make_rows, verify_rows
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 from integrity import read_rows  # noqa: E402
@@ -52,7 +52,7 @@ def test_response_memory_is_reused_up_to_one_request(start_server):
     maximum (half of server.response_memory_bytes): answers at the maximum, with and without provenance,
     reuse it (a body above a smaller cap was allocated and faulted in anew each time), and every answer
     holds intact rows."""
-    from actdata.client import ActivationClient
+    from actdata.reading.client import ActivationClient
 
     srv = start_server("buffer.size=4000", "server.workers=1", "server.response_memory_bytes=8000000",
                        "generator.provenance=true", *REUSE)
@@ -172,7 +172,7 @@ def test_supervisor_restarts_a_failing_source(monkeypatch):
             raise RuntimeError("boom")
         return gen()
 
-    monkeypatch.setattr("actdata.generator.make_source", flaky)
+    monkeypatch.setattr("actdata.generation.loop.make_source", flaky)
     with SharedActivationBuffer.create(1000, (32,), "float32") as buf:
         stop = threading.Event()
         th = threading.Thread(target=run_supervised, args=(_cfg(), buf.spec, "cpu", 0, stop),
@@ -194,7 +194,7 @@ def test_supervisor_gives_up_on_a_source_that_never_starts(monkeypatch):
         calls.append(1)
         raise FileNotFoundError("no such dataset: /nowhere")
 
-    monkeypatch.setattr("actdata.generator.make_source", broken)
+    monkeypatch.setattr("actdata.generation.loop.make_source", broken)
     with SharedActivationBuffer.create(100, (32,), "float32") as buf:
         stop = threading.Event()
         th = threading.Thread(target=run_supervised, args=(_cfg(), buf.spec, "cpu", 0, stop),

@@ -8,7 +8,7 @@ import requests
 import torch
 
 from actdata import wire
-from actdata.synthetic import verify_rows
+from actdata.generation.synthetic import verify_rows
 from conftest import group_pids, shm_files
 
 
@@ -149,7 +149,7 @@ def test_a_stop_signal_within_the_first_one_returns_at_once(monkeypatch):
     import signal as sig
     import threading
 
-    import actdata.serve as serve
+    import actdata.serving.main as serve
 
     monkeypatch.setattr(serve, "STOPPING", threading.Event())
     monkeypatch.setattr(serve, "_interrupted", False, raising=False)
@@ -179,7 +179,7 @@ def test_a_server_stops_when_the_process_that_started_it_dies(how):
     import sys
 
     start = ('env={"ACTDATA_EXIT_WITH_PARENT": "1"}' if how == "watch" else "die_with_parent=True")
-    code = ("import time\nfrom actdata.serve import ServerProcess\n"
+    code = ("import time\nfrom actdata.serving.main import ServerProcess\n"
             f"srv = ServerProcess(['+preset=test', 'generator.source=synthetic', 'generator.state_dir=null'], {start})\n"
             "print(srv.proc.pid, flush=True)\ntime.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -14,10 +14,10 @@ import torch
 
 from actdata import wire
 from actdata.config import Config, ConfigError
-from actdata.replay import StoreSource
-from actdata.serve import sample_shape
-from actdata.store import StoreWriter, open_store, verify_shard
-from actdata.synthetic import SyntheticSource, make_rows, row_ids, verify_rows
+from actdata.storage.replay import StoreSource
+from actdata.serving.main import sample_shape
+from actdata.storage.store import StoreWriter, open_store, verify_shard
+from actdata.generation.synthetic import SyntheticSource, make_rows, row_ids, verify_rows
 
 SYN = ["+preset=test", "generator.source=synthetic", "buffer.activation_dim=64"]
 

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 
 from actdata.config import ConfigError, DatasetConfig
-from actdata.text import TokenBlocks, documents, pack
+from actdata.generation.text import TokenBlocks, documents, pack
 
 DOCS = [f"document number {i} says {'hello ' * (i % 4 + 1)}".strip() for i in range(12)]
 

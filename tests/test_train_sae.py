@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from actdata.serve import ServerProcess
+from actdata.serving.main import ServerProcess
 from conftest import SYNTHETIC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-log = logging.getLogger("actdata.http")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

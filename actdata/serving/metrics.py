@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from .buffer import ProcessLock, SharedActivationBuffer
-from .generator import read_statuses
+from ..shm.buffer import ProcessLock, SharedActivationBuffer
+from ..generation.loop import read_statuses
 
 ROUTES = ("/activations/tensor", "/activations", "/stats", "/", "/refresh", "/metrics", "other")
 CLASSES = ("2xx", "4xx", "5xx")

@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from . import __version__, wire
+from .. import __version__, wire
 
-log = logging.getLogger("actdata.directory")
+log = logging.getLogger(__name__)
 
 KIND = wire.DIRECTORY_KIND  # GET / carries "kind": KIND, which is how clients recognise a directory
 

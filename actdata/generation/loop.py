@@ -33,15 +33,15 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import numpy as np
 import torch
 
-from .buffer import BufferSpaceError, BufferSpec, SharedActivationBuffer, pid_alive
-from .logs import publish_json, read_json
-from . import wire
-from .config import Config
+from ..shm.buffer import BufferSpaceError, BufferSpec, SharedActivationBuffer, pid_alive
+from ..serving.procs import publish_json, read_json
+from .. import wire
+from ..config import Config
 
 if TYPE_CHECKING:
-    from .stats import RunningStats
+    from ..stats import RunningStats
 
-log = logging.getLogger("actdata.generator")
+log = logging.getLogger(__name__)
 POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure has made unusable
 
 # Each yielded item: rows [k, *sample_shape] on the CPU, origin ids [k] (context of each row), and
@@ -53,17 +53,17 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: i
                 start: Optional[dict] = None) -> Iterable[Batch]:
     """The source of generator `index` (g) of `count` (G), continuing from a saved state `start` if given."""
     if cfg.generator.source == "store":  # replay: no model, no tokenizer (actdata/replay.py)
-        from .replay import make_store_source
+        from ..storage.replay import make_store_source
 
         return make_store_source(cfg, index, count, start)
     if cfg.generator.source == "synthetic":
-        from .synthetic import SyntheticSource
+        from ..generation.synthetic import SyntheticSource
 
         first = (start or {}).get("next_id")
         return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype],
                                first_id=int(first) if first is not None else index << 40,
                                rows_per_second=cfg.generator.rows_per_second, provenance=cfg.generator.provenance)
-    from .pipeline import ModelSource
+    from ..generation.model_source import ModelSource
 
     return ModelSource(cfg, device, index, count=count, start=start)
 
@@ -82,7 +82,7 @@ def read_statistics(spec: BufferSpec) -> list[tuple[str, "RunningStats"]]:
     """(generator name, RunningStats) of every generator of this buffer that published statistics."""
     from safetensors.torch import load_file
 
-    from .stats import RunningStats
+    from ..stats import RunningStats
 
     out = []
     prefix = f"{spec.path}.stats-"
@@ -101,8 +101,8 @@ class Progress:
     """Numbering, saved state and running statistics of one generator (see the module docstring)."""
 
     def __init__(self, cfg: Config, spec: BufferSpec, name: str, index: int, count: int):
-        from .position import GeneratorState
-        from .stats import RunningStats
+        from ..generation.state import GeneratorState
+        from ..stats import RunningStats
 
         self.g, self.G, self.spec, self.name = index, count, spec, name
         self.state = GeneratorState.for_config(cfg, index, count)
@@ -143,7 +143,7 @@ class Progress:
         return on_wait
 
     def publish_stats(self, force: bool = False) -> None:
-        from .position import STATS_EVERY_S, write_stats
+        from ..generation.state import STATS_EVERY_S, write_stats
 
         if self.stats is None or not (force or time.monotonic() - self._published >= min(2.0, STATS_EVERY_S)):
             return
@@ -281,7 +281,7 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
 
 def _loop(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, name, status, buffer,
           progress, store, on_poisoned) -> None:
-    from .placement import poisons_context
+    from ..generation.placement import poisons_context
 
     failures_before_output, backoff = 0, 1.0
     source = None
@@ -376,7 +376,7 @@ def _tail(provenance: Optional[dict], n: int) -> Optional[dict]:
 def _open_store_writer(cfg: Config, spec: BufferSpec, index: int, count: int, status: Status):
     if not cfg.store.write:
         return None
-    from .store import open_writer
+    from ..storage.store import open_writer
 
     try:
         return open_writer(cfg, spec.sample_shape, index, count)

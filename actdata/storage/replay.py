@@ -27,10 +27,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .store import (DATA_START, NP_WORDS, PROVENANCE, TORCH_DTYPES, Shard, Store, StoreError, filesystem,
+from ..storage.store import (DATA_START, NP_WORDS, PROVENANCE, TORCH_DTYPES, Shard, Store, StoreError, filesystem,
                     open_store, read_header, verify_shard)
 
-log = logging.getLogger("actdata.replay")
+log = logging.getLogger(__name__)
 BATCH_BYTES = 4 << 20  # rows yielded at a time
 
 

@@ -33,9 +33,9 @@ import os
 import time
 from typing import Optional
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
-log = logging.getLogger("actdata.position")
+log = logging.getLogger(__name__)
 VERSION = 1
 STATS_EVERY_S = 5.0
 
@@ -45,7 +45,7 @@ def identity(cfg: Config) -> dict:
     m, d, g, s = cfg.model, cfg.dataset, cfg.generator, cfg.server
     ident = {"source": g.source, "node_rank": s.node_rank, "num_nodes": s.num_nodes, "rows": cfg.buffer.dtype}
     if g.source == "synthetic":
-        from .config import synthetic_shape
+        from ..config import synthetic_shape
 
         ident["shape"] = list(synthetic_shape(cfg))
     elif g.source == "store":
@@ -150,7 +150,7 @@ class GeneratorState:
 
     def load_stats(self, sample_shape: tuple):
         """The saved RunningStats of this generator's rows (None if absent, unreadable or of other rows)."""
-        from .stats import RunningStats
+        from ..stats import RunningStats
 
         if not os.path.exists(self.stats_path):
             return None

@@ -69,11 +69,11 @@ try:  # torch's fetcher class, to recognise a DataLoader calling iter(); without
 except ImportError:  # pragma: no cover - a torch that moved it
     _BaseDatasetFetcher = None
 
-from . import wire
-from .batches import worker_pool
-from .client import ActivationClient, ProvenanceBatch, RetryPolicy, TensorReader, resolve_api_key, resolve_url
+from .. import wire
+from ..reading.batchslots import worker_pool
+from ..reading.client import ActivationClient, ProvenanceBatch, RetryPolicy, TensorReader, resolve_api_key, resolve_url
 
-log = logging.getLogger("actdata.dataset")
+log = logging.getLogger(__name__)
 DEFAULT_RCVBUF = None  # kernel autotuning: a 16 MiB SO_RCVBUF measured no better on loopback
 DEFAULT_BATCH = 4096  # rows per batch when batch_size is None, unless the server allows fewer
 
@@ -123,7 +123,7 @@ class _Source:
             return
         self.local = None
         if ds.local:
-            from .local import open_same_host
+            from ..reading.samehost import open_same_host
 
             self.local, why = open_same_host(server.get("same_host"))
             if self.local is None:
@@ -148,7 +148,7 @@ class _Source:
 
     def _read_into(self, out: torch.Tensor) -> None:
         if self.local is not None:
-            from .local import SameHostGone
+            from ..reading.samehost import SameHostGone
 
             try:
                 self.local.read(out, wait_s=self.ds.retry_for_s)
@@ -208,7 +208,7 @@ class _Stream:
         servers it lists for this shard, moving to another when one fails. None for server URLs."""
         if len(self.ds.urls) != 1:
             return None
-        from .discovery import DirectoryReader, is_directory
+        from ..reading.directory import DirectoryReader, is_directory
 
         ds = self.ds
         if not is_directory(ds.urls[0], ds.api_key, timeout=min(ds.timeout, 10.0), retry_for_s=ds.retry_for_s):
@@ -539,7 +539,7 @@ class RemoteActivationDataset(IterableDataset):
 
 def __getattr__(name):  # Lightning is imported only for the DataModule
     if name == "ActivationDataModule":
-        from .datamodule import ActivationDataModule
+        from ..reading.datamodule import ActivationDataModule
 
         return ActivationDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,9 +41,9 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from .config import ConfigError, DatasetConfig
+from ..config import ConfigError, DatasetConfig
 
-log = logging.getLogger("actdata.text")
+log = logging.getLogger(__name__)
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
            ".parquet": "parquet"}
@@ -70,7 +70,7 @@ def documents(d: DatasetConfig, epoch: int = 0, g: int = 0, G: int = 1) -> Itera
     if not 0 <= g < G:
         raise ValueError(f"generator {g} of {G} does not exist")
     if d.name == "embedded":
-        from .embedded import kjv_chapters
+        from ..generation.embedded import kjv_chapters
 
         docs = kjv_chapters()[g::G]
         random.Random(order_seed(d.seed, g, epoch)).shuffle(docs)

@@ -22,8 +22,8 @@ import urllib.error
 import urllib.request
 from typing import Callable, Optional
 
-from . import wire
-from .client import ActivationServerError, RetryPolicy, ServerUnavailable, TensorReader, resolve_api_key
+from .. import wire
+from ..reading.client import ActivationServerError, RetryPolicy, ServerUnavailable, TensorReader, resolve_api_key
 
 
 class NotADirectory(ActivationServerError):
@@ -63,7 +63,7 @@ def is_directory(url: str, api_key: Optional[str] = None, timeout: float = 10.0,
     retry, root = RetryPolicy(retry_for_s), url.rstrip("/") + "/"
 
     def attempt():
-        from .client import _Transient
+        from ..reading.client import _Transient
 
         try:
             return _get_json(root, resolve_api_key(api_key), timeout).get("kind") == wire.DIRECTORY_KIND

@@ -27,10 +27,10 @@ from typing import Optional
 
 import torch
 
-from .buffer import mem_available
-from .config import DTYPE_BYTES, Config, ConfigError, human_bytes
+from ..shm.buffer import mem_available
+from ..config import DTYPE_BYTES, Config, ConfigError, human_bytes
 
-log = logging.getLogger("actdata.placement")
+log = logging.getLogger(__name__)
 
 CUDA_AUTO_DTYPE = "bfloat16"
 

@@ -51,7 +51,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .wire import DTYPES as TORCH_DTYPES
+from ..wire import DTYPES as TORCH_DTYPES
 FREE, WRITING, READY, READING = 0, 1, 2, 3
 MAGIC = 0x61637464_61746131  # "actdata1"
 SHM_DIR = "/dev/shm"

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity, pid_alive
+from ..shm.buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity, pid_alive
 
 
 class SameHostGone(RuntimeError):

@@ -36,16 +36,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.gzip import GZipMiddleware
 
-from . import __version__, wire
-from .buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity, pid_alive
-from .httpguard import Counters
-from .logs import read_json
-from .config import Config
-from .generator import read_statistics, read_statuses, run_supervised, statistics_enabled, status_path
-from .metrics import MetricsMiddleware, ServingMetrics
-from .metrics import render as render_metrics
+from .. import __version__, wire
+from ..shm.buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity, pid_alive
+from ..serving.httpguard import Counters
+from ..serving.procs import read_json
+from ..config import Config
+from ..generation.loop import read_statistics, read_statuses, run_supervised, statistics_enabled, status_path
+from ..serving.metrics import MetricsMiddleware, ServingMetrics
+from ..serving.metrics import render as render_metrics
 
-log = logging.getLogger("actdata.server")
+log = logging.getLogger(__name__)
 STOP_GRACE_S = 0.5  # a generator worker told to stop leaves after at most this long (see GeneratorWorker.setup)
 
 
@@ -57,7 +57,7 @@ class GeneratorWorker(ls.LitAPI):
         self.cfg, self.buffer_spec, self.local_generators = cfg, spec, local_generators
 
     def setup(self, device: str) -> None:
-        from .logs import setup_logging, die_with_parent
+        from ..serving.procs import setup_logging, die_with_parent
 
         die_with_parent()
         setup_logging(self.cfg.log_level, self.cfg.server.log_file)
@@ -448,7 +448,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
              responses={200: {"content": {wire.SAFETENSORS_MEDIA_TYPE: {}}}, **_BAD_INPUT})
     def statistics(format: str = Query("json", pattern="^(json|safetensors)$",
                                        description="json (summary) or safetensors (full tensors)")):
-        from .stats import RunningStats, merged
+        from ..stats import RunningStats, merged
 
         per = read_statistics(spec)
         total = merged([st for _, st in per]) or RunningStats(spec.sample_shape)
