@@ -11,8 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-DTYPES = ("float32", "float16", "bfloat16")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPES = ("float32", "float16", "bfloat16")  # the names of actdata.wire.DTYPES (this module needs no torch)
 SOURCES = ("model", "synthetic", "store")
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 SYNTHETIC_DIM = 768
@@ -283,13 +282,10 @@ def synthetic_shape(cfg: Config) -> tuple[int, ...]:
     return (int(b.activation_dim or SYNTHETIC_DIM),)
 
 
-def row_bytes(shape: tuple[int, ...], dtype: str) -> int:
-    return math.prod(shape) * DTYPE_BYTES[dtype]
-
-
 def estimate_bytes(cfg: Config, shape: tuple[int, ...]) -> int:
     """Bytes the buffer will take: rows plus the per-slot index arrays (see buffer.py)."""
-    from .shm.buffer import index_bytes
+    from .shm.layout import index_bytes
+    from .wire import row_bytes
 
     return cfg.buffer.size * row_bytes(shape, cfg.buffer.dtype) + index_bytes(cfg.buffer.size, cfg.generator.provenance)
 

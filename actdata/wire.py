@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 SHAPE = "X-Tensor-Shape"
@@ -24,12 +25,21 @@ SERVERS_PATH = "/servers"  # a directory's list of live servers
 MEDIA_TYPE = "application/octet-stream"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# numpy arrays over the same bytes; numpy has no bfloat16, so bf16 rows are viewed as their raw 2-byte words
+NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16,
+         torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+         torch.uint8: np.uint8, torch.bool: np.bool_}
 
 assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts are not supported"
 
 
 class WireError(ValueError):
     """Headers or body that do not describe a tensor."""
+
+
+def row_bytes(sample_shape: tuple, dtype: str) -> int:
+    """Bytes of one row of `sample_shape` in the named dtype (a DTYPES key)."""
+    return math.prod(sample_shape) * DTYPES[dtype].itemsize
 
 
 def headers_for(shape: tuple, dtype: torch.dtype) -> dict[str, str]:
@@ -105,6 +115,7 @@ ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
 ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
 # The provenance arrays, in body order (before "activations", which comes last): name -> dtype.
 PROVENANCE = {"doc_ids": torch.int64, "token_ids": torch.int32, "positions": torch.int32}
+PROVENANCE_BYTES = sum(t.itemsize for t in PROVENANCE.values())  # per row
 
 
 def tensors_layout(specs: list[tuple[str, torch.dtype, tuple]], metadata: Mapping[str, str] | None = None

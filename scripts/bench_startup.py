@@ -17,7 +17,8 @@ import time
 
 import requests
 
-from actdata.shm.buffer import SHM_DIR, SharedActivationBuffer
+from actdata.shm import SharedActivationBuffer
+from actdata.shm.segment import SHM_DIR
 from actdata.reading.client import TensorReader
 from actdata.serving.main import ServerProcess
 

@@ -248,7 +248,7 @@ def check_free(args, report):
 POISON = r"""
 import sys, threading, torch
 from actdata.generation import loop as gen
-from actdata.shm.buffer import BufferSpec
+from actdata.shm import BufferSpec
 from actdata.config import Config
 class Src:
     def __iter__(self):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from actdata.shm.buffer import (FREE, READING, READY, WRITING, BufferSpaceError, NotReady, SharedActivationBuffer,
-                            reclaim_stale)
+from actdata.shm import BufferSpaceError, NotReady, SharedActivationBuffer
+from actdata.shm.layout import FREE, READING, READY, WRITING
+from actdata.shm.segment import hold_owner_lock, reclaim_stale
 from actdata.generation.synthetic import make_rows, verify_rows
 
 
@@ -180,13 +181,23 @@ def test_file_backed_buffer_and_attach(tmp_path):
 
 
 def test_reclaim_segments_of_dead_runs(tmp_path):
+    """A segment is judged by its owner lock: a held lock keeps it, a missing one (an owner that died
+    before taking it, or an older version's file) lets it go once it is not brand new."""
     dead = tmp_path / "actdata-999999999-0badc0de.buf"
     alive = tmp_path / f"actdata-{os.getpid()}-00c0ffee.buf"
+    new = tmp_path / "actdata-999999998-00000001.buf"
     other = tmp_path / "somebody-else.buf"
-    for p in (dead, alive, other):
+    for p in (dead, alive, new, other):
         p.write_bytes(b"x")
-    assert reclaim_stale(str(tmp_path), "actdata") == [dead.name]
-    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, other.name])
+    old = time.time() - 60
+    for p in (dead, alive, other):
+        os.utime(p, (old, old))
+    fd = hold_owner_lock(str(alive))
+    try:
+        assert reclaim_stale(str(tmp_path), "actdata") == [dead.name]
+        assert sorted(os.listdir(tmp_path)) == sorted([alive.name, alive.name + ".owner", new.name, other.name])
+    finally:
+        os.close(fd)
 
 
 def test_rows_of_a_batch_go_to_random_slots():

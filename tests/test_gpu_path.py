@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from actdata.generation import loop as gen
-from actdata.shm.buffer import BufferSpec, SharedActivationBuffer
+from actdata.shm import BufferSpec, SharedActivationBuffer
 from actdata.config import Config, ConfigError, validate
 from actdata.generation.loading import load_model
 from actdata.generation.model_source import ModelSource
@@ -181,7 +181,7 @@ POISON_SCRIPT = r"""
 import sys, threading
 import numpy as np, torch
 from actdata.generation import loop as gen
-from actdata.shm.buffer import BufferSpec
+from actdata.shm import BufferSpec
 from actdata.config import Config
 
 class Poisoned:

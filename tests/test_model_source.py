@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from actdata.shm.buffer import BufferSpec, SharedActivationBuffer
+from actdata.shm import BufferSpec, SharedActivationBuffer
 from actdata.generation.model_source import ModelSource
 from actdata.generation.sites import sample_shape
 from actdata.config import Config, ConfigError

@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 from .. import __version__, wire
+from ..auth import CHALLENGE, WRONG_KEY, authorized, bearer
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Directory:
 
     def _poll_one(self, key: str, url: str) -> None:
         req = urllib.request.Request(url + "/stats", headers={"Accept-Encoding": "identity",
-                                                              **_auth(self.api_key)})
+                                                              **bearer(self.api_key)})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 st, err = json.loads(r.read()), None
@@ -208,10 +209,6 @@ class Directory:
             self._httpd.server_close()
 
 
-def _auth(key: Optional[str]) -> dict:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def _server_health(st: dict) -> str:
     """A server's health from its /stats, as its own GET / would say it."""
     states = {g.get("state") for g in st.get("generators", [])}
@@ -244,9 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         d = self.directory
-        if d.api_key and path != "/" and self.headers.get("Authorization", "") != f"Bearer {d.api_key}":
-            return self._send(401, {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
-                              {"WWW-Authenticate": "Bearer"})
+        if path != "/" and not authorized(self.headers.get("Authorization"), d.api_key):
+            return self._send(401, {"detail": WRONG_KEY}, CHALLENGE)
         if self.command not in ("GET", "HEAD"):
             self.close_connection = True  # its body, if any, is not read
             return self._send(405, {"detail": f"{self.command} {path}: the directory answers GET only"})

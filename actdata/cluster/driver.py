@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Optional
 
+from ..auth import API_KEY_ENV, resolve_api_key
 from ..config import ClusterConfig, Config, ConfigError, to_config, validate
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def start_servers(cfg: Config, overrides: list[str], directory) -> list[_Node]:
     directory.expected = len(usable)
     bind_all = cfg.server.host in ("0.0.0.0", "::")
     server_args = _server_overrides(overrides)
-    env = {"ACTDATA_API_KEY": cfg.server.api_key} if cfg.server.api_key else {}
+    env = {API_KEY_ENV: cfg.server.api_key} if cfg.server.api_key else {}
     out = []
     for rank, n in enumerate(usable):
         res = server_resources(n, c)
@@ -223,13 +224,13 @@ def supervise(nodes: list[_Node], directory, stop: threading.Event, c: ClusterCo
 
 def run(cfg: Config, overrides: list[str]) -> None:
     """Connect, start the directory and the servers, supervise until interrupted, then stop everything."""
-    from ..cluster.directory import Directory
+    from .directory import Directory
     from ..serving.procs import setup_logging
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
     c = cfg.cluster
-    api_key = cfg.server.api_key or os.environ.get("ACTDATA_API_KEY") or None
+    api_key = resolve_api_key(cfg.server.api_key)
     for key, host in (("cluster.directory_host", c.directory_host), ("server.host", cfg.server.host)):
         if host not in LOOPBACK and not api_key:
             raise ConfigError(f"{key}: binding {host} (reachable from other machines) needs an API key: "

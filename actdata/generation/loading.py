@@ -23,7 +23,7 @@ from ..wire import DTYPES as TORCH_DTYPES
 def model_path(name: str) -> str:
     """`embedded` -> the cached safetensors copy of the shipped SmolLM2; otherwise unchanged."""
     if name == "embedded":
-        from ..generation.embedded import model_dir
+        from .embedded import model_dir
 
         return model_dir()
     return name
@@ -66,7 +66,7 @@ def load_model(cfg: Config, device: str, dtype: Optional[str] = None,
     `device`, in eval mode, without gradients; only its first `n_blocks` blocks when given."""
     from transformers import AutoModel
 
-    from ..generation.placement import resolve_dtype
+    from .placement import resolve_dtype
 
     m = cfg.model
     dtype = dtype or resolve_dtype(m.dtype, device)

@@ -22,7 +22,6 @@ float64) into a RunningStats, published every few seconds beside the buffer
 from __future__ import annotations
 
 import gc
-import glob
 import logging
 import os
 import threading
@@ -33,8 +32,9 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import numpy as np
 import torch
 
-from ..shm.buffer import BufferSpaceError, BufferSpec, SharedActivationBuffer, pid_alive
-from ..serving.procs import publish_json, read_json
+from ..host import pid_alive
+from ..shm import BufferSpaceError, BufferSpec, SharedActivationBuffer, sidefiles
+from ..shm.sidefiles import publish_json, read_json
 from .. import wire
 from ..config import Config
 
@@ -57,13 +57,13 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: i
 
         return make_store_source(cfg, index, count, start)
     if cfg.generator.source == "synthetic":
-        from ..generation.synthetic import SyntheticSource
+        from .synthetic import SyntheticSource
 
         first = (start or {}).get("next_id")
         return SyntheticSource(spec.sample_shape, wire.DTYPES[spec.dtype],
                                first_id=int(first) if first is not None else index << 40,
                                rows_per_second=cfg.generator.rows_per_second, provenance=cfg.generator.provenance)
-    from ..generation.model_source import ModelSource
+    from .model_source import ModelSource
 
     return ModelSource(cfg, device, index, count=count, start=start)
 
@@ -74,10 +74,6 @@ def statistics_enabled(cfg: Config) -> bool:
     return cfg.generator.source == "model" if s is None else bool(s)
 
 
-def stats_path(spec: BufferSpec, name: str) -> str:
-    return f"{spec.path}.stats-{name}.safetensors"
-
-
 def read_statistics(spec: BufferSpec) -> list[tuple[str, "RunningStats"]]:
     """(generator name, RunningStats) of every generator of this buffer that published statistics."""
     from safetensors.torch import load_file
@@ -85,10 +81,9 @@ def read_statistics(spec: BufferSpec) -> list[tuple[str, "RunningStats"]]:
     from ..stats import RunningStats
 
     out = []
-    prefix = f"{spec.path}.stats-"
-    for path in sorted(glob.glob(f"{glob.escape(prefix)}*.safetensors")):
+    for name, path in sidefiles.generator_stats_files(spec.path):
         try:
-            out.append((path[len(prefix):-len(".safetensors")], RunningStats.from_tensors(load_file(path))))
+            out.append((name, RunningStats.from_tensors(load_file(path))))
         except Exception:  # noqa: BLE001 - being replaced right now, or torn by a crash: skip it
             continue
     return out
@@ -101,7 +96,7 @@ class Progress:
     """Numbering, saved state and running statistics of one generator (see the module docstring)."""
 
     def __init__(self, cfg: Config, spec: BufferSpec, name: str, index: int, count: int):
-        from ..generation.state import GeneratorState
+        from .state import GeneratorState
         from ..stats import RunningStats
 
         self.g, self.G, self.spec, self.name = index, count, spec, name
@@ -143,12 +138,12 @@ class Progress:
         return on_wait
 
     def publish_stats(self, force: bool = False) -> None:
-        from ..generation.state import STATS_EVERY_S, write_stats
+        from .state import STATS_EVERY_S, write_stats
 
         if self.stats is None or not (force or time.monotonic() - self._published >= min(2.0, STATS_EVERY_S)):
             return
         self._published = time.monotonic()
-        write_stats(stats_path(self.spec, self.name), self.stats)
+        write_stats(sidefiles.generator_stats(self.spec.path, self.name), self.stats)
         if self.state:
             self.state.save_stats(self.stats, force=force)
 
@@ -182,14 +177,10 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def status_path(spec: BufferSpec, name: str) -> str:
-    return f"{spec.path}.gen-{name}.json"
-
-
 def read_statuses(spec: BufferSpec) -> list[dict]:
     """Statuses of every generator of this buffer; a generator whose process is gone shows as 'dead'."""
     out = []
-    for path in sorted(glob.glob(f"{glob.escape(spec.path)}.gen-*.json")):
+    for _, path in sidefiles.generator_statuses(spec.path):
         st = read_json(path)
         if not isinstance(st, dict):
             continue
@@ -203,7 +194,7 @@ class Status:
     """The status of one generator, published atomically as JSON (at most every `interval` seconds)."""
 
     def __init__(self, spec: BufferSpec, name: str, device: str, source: str, interval: float = 0.5):
-        self.path, self.interval, self._last = status_path(spec, name), interval, 0.0
+        self.path, self.interval, self._last = sidefiles.generator_status(spec.path, name), interval, 0.0
         self.d = {"name": name, "pid": os.getpid(), "device": device, "source": source, "state": "loading",
                   "tokens_per_s": 0.0, "rows_per_s": 0.0, "rows_written": 0, "contexts": 0, "tokens": 0,
                   "corpus_passes": 0, "rows_overflowed": 0, "restarts": 0, "last_error": None, "started_at": time.time(),
@@ -281,7 +272,7 @@ def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop:
 
 def _loop(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, name, status, buffer,
           progress, store, on_poisoned) -> None:
-    from ..generation.placement import poisons_context
+    from .placement import poisons_context
 
     failures_before_output, backoff = 0, 1.0
     source = None

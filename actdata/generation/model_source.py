@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..generation.loading import load_config, load_model, load_tokenizer, meta_model
-from ..generation.placement import bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
-from ..generation.sites import (Capture, OutlierFilter, blocks_needed, check_buffer, check_model, compile_blocks,
+from .loading import load_config, load_model, load_tokenizer, meta_model
+from .placement import bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
+from .sites import (Capture, OutlierFilter, blocks_needed, check_buffer, check_model, compile_blocks,
                     finite_rows, keep_mask, make_plan)
-from ..generation.text import TokenBlocks, check_corpus
+from .text import TokenBlocks, check_corpus
 from ..wire import DTYPES as TORCH_DTYPES
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from ..shm.buffer import mem_available
-from ..config import DTYPE_BYTES, Config, ConfigError, human_bytes
+from ..host import mem_available
+from .. import wire
+from ..config import Config, ConfigError, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def estimate(cfg: Config, hf_config, meta: torch.nn.Module, n_blocks: Optional[i
     g = cfg.generator
     total = int(hf_config.num_hidden_layers)
     kept = total if n_blocks is None else n_blocks
-    nbytes = DTYPE_BYTES[model_dtype]
+    nbytes = wire.DTYPES[model_dtype].itemsize
     weights = 0
     for name, p in meta.named_parameters():
         block = _block_index(name)
@@ -115,7 +116,7 @@ def estimate(cfg: Config, hf_config, meta: torch.nn.Module, n_blocks: Optional[i
     # residual, normed input, q/k/v/attention output, MLP intermediates (gate, up, act) and one score
     # matrix per head: a bound for one block at a time (nothing is kept for backward)
     working = bt * (6 * hidden + 3 * inter) * nbytes + g.batch_size * heads * g.context_length ** 2 * 4
-    row_bytes = row_values * DTYPE_BYTES[cfg.buffer.dtype]
+    row_bytes = wire.row_bytes((row_values,), cfg.buffer.dtype)
     rows = 2 * max_rows(cfg) * row_bytes  # the batch being captured and the one being copied out
     return Memory(weights, working, rows, staging_buffers * max_rows(cfg) * row_bytes)
 

@@ -200,7 +200,7 @@ def blocks_needed(plan: Plan, model: torch.nn.Module, n_blocks: int) -> Optional
 def sample_shape(cfg: Config) -> tuple[int, ...]:
     """The row shape for this config, from the model's config alone (no weights, no CUDA).
     Raises ConfigError naming the key when the config contradicts the model."""
-    from ..generation.loading import load_config, meta_model
+    from .loading import load_config, meta_model
 
     hf_config = load_config(cfg)
     check_model(cfg, hf_config)

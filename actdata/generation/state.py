@@ -34,6 +34,7 @@ import time
 from typing import Optional
 
 from ..config import Config, ConfigError
+from ..host import cache_root
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -62,14 +63,6 @@ def identity(cfg: Config) -> dict:
 
 def identity_hash(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def cache_root() -> str:
-    """$ACTDATA_CACHE, else $XDG_CACHE_HOME/actdata, else ~/.cache/actdata (as the embedded model's cache)."""
-    if os.environ.get("ACTDATA_CACHE"):
-        return os.environ["ACTDATA_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "actdata")
 
 
 def state_dir(cfg: Config) -> Optional[str]:

@@ -70,7 +70,7 @@ def documents(d: DatasetConfig, epoch: int = 0, g: int = 0, G: int = 1) -> Itera
     if not 0 <= g < G:
         raise ValueError(f"generator {g} of {G} does not exist")
     if d.name == "embedded":
-        from ..generation.embedded import kjv_chapters
+        from .embedded import kjv_chapters
 
         docs = kjv_chapters()[g::G]
         random.Random(order_seed(d.seed, g, epoch)).shuffle(docs)

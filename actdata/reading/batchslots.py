@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..shm.buffer import pid_alive
+from ..host import pid_alive
 
 HEADER = 64  # slot header: uint32 sent (written by the worker), uint32 freed (written by the main process)
 _PAGE = mmap.PAGESIZE

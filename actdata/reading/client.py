@@ -37,8 +37,8 @@ import requests
 import torch
 
 from .. import wire
+from ..auth import API_KEY_ENV, bearer, resolve_api_key
 
-API_KEY_ENV = "ACTDATA_API_KEY"
 URL_ENV = "ACTDATA_URL"
 DEFAULT_URL = "http://localhost:8000"
 RETRY_STATUSES = (502, 503, 504)
@@ -68,11 +68,6 @@ class _Transient(Exception):
     def __init__(self, reason: str, retry_after: Optional[float] = None, status: Optional[int] = None):
         super().__init__(reason)
         self.reason, self.retry_after, self.status = reason, retry_after, status
-
-
-def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
-    """`api_key` if given, else `$ACTDATA_API_KEY`, else None."""
-    return api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def resolve_url(url: Optional[str] = None) -> str:
@@ -183,7 +178,7 @@ class TensorReader:
         self.timeout, self.rcvbuf = float(timeout), rcvbuf
         self.retry = retry or RetryPolicy()
         key = resolve_api_key(api_key)
-        self._headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {key}"} if key else {})}
+        self._headers = {"Accept-Encoding": "identity", **bearer(key)}
         self._conn: Optional[http.client.HTTPConnection] = None
         self._requests_on_conn = 0
         self.row_format: Optional[tuple[tuple[int, ...], torch.dtype]] = None  # (row shape, dtype) once seen
@@ -386,9 +381,7 @@ class ActivationClient:
         self.retry = RetryPolicy(retry_for_s, backoff, max_backoff)
         key = resolve_api_key(api_key)
         self.session = requests.Session()
-        self.session.headers["Accept-Encoding"] = "identity"
-        if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
+        self.session.headers.update({"Accept-Encoding": "identity", **bearer(key)})
         self._reader = TensorReader(self.url, key, timeout=timeout, retry=self.retry)
 
     # -- plumbing -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 from torch.utils.data import DataLoader
 
-from ..reading.dataset import RemoteActivationDataset, make_loader
+from .dataset import RemoteActivationDataset, make_loader
 
 try:
     import lightning.pytorch as pl

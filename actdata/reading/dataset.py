@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
 import sys
 import threading
@@ -70,26 +69,14 @@ except ImportError:  # pragma: no cover - a torch that moved it
     _BaseDatasetFetcher = None
 
 from .. import wire
-from ..reading.batchslots import worker_pool
-from ..reading.client import ActivationClient, ProvenanceBatch, RetryPolicy, TensorReader, resolve_api_key, resolve_url
+from .batchslots import worker_pool
+from ..auth import resolve_api_key
+from .sharding import distributed_rank_world, share, split_evenly
+from .client import ActivationClient, ProvenanceBatch, RetryPolicy, TensorReader, resolve_url
 
 log = logging.getLogger(__name__)
 DEFAULT_RCVBUF = None  # kernel autotuning: a 16 MiB SO_RCVBUF measured no better on loopback
 DEFAULT_BATCH = 4096  # rows per batch when batch_size is None, unless the server allows fewer
-
-
-def distributed_rank_world() -> tuple[int, int]:
-    """(rank, world_size): from torch.distributed when initialised, else $RANK / $WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def split_evenly(total: Optional[int], parts: int, index: int) -> Optional[int]:
-    """Part `index` of `total` split into `parts` whole numbers that differ by at most one (None: no limit)."""
-    if total is None:
-        return None
-    return total // parts + (1 if index < total % parts else 0)
 
 
 def resolve_urls(url_or_urls: Union[None, str, Sequence[str]]) -> list[str]:
@@ -123,7 +110,7 @@ class _Source:
             return
         self.local = None
         if ds.local:
-            from ..reading.samehost import open_same_host
+            from .samehost import open_same_host
 
             self.local, why = open_same_host(server.get("same_host"))
             if self.local is None:
@@ -148,7 +135,7 @@ class _Source:
 
     def _read_into(self, out: torch.Tensor) -> None:
         if self.local is not None:
-            from ..reading.samehost import SameHostGone
+            from .samehost import SameHostGone
 
             try:
                 self.local.read(out, wait_s=self.ds.retry_for_s)
@@ -208,7 +195,7 @@ class _Stream:
         servers it lists for this shard, moving to another when one fails. None for server URLs."""
         if len(self.ds.urls) != 1:
             return None
-        from ..reading.directory import DirectoryReader, is_directory
+        from .directory import DirectoryReader, is_directory
 
         ds = self.ds
         if not is_directory(ds.urls[0], ds.api_key, timeout=min(ds.timeout, 10.0), retry_for_s=ds.retry_for_s):
@@ -485,9 +472,7 @@ class RemoteActivationDataset(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         shards, index = world * workers, rank * workers + worker
-        if shards >= len(self.urls):
-            return index, shards, [self.urls[index % len(self.urls)]]
-        return index, shards, self.urls[index::shards]
+        return index, shards, share(self.urls, index, shards)
 
     # -- resuming (torchdata's StatefulDataLoader) -----------------------------------------------------
     def state_dict(self) -> dict:
@@ -539,7 +524,7 @@ class RemoteActivationDataset(IterableDataset):
 
 def __getattr__(name):  # Lightning is imported only for the DataModule
     if name == "ActivationDataModule":
-        from ..reading.datamodule import ActivationDataModule
+        from .datamodule import ActivationDataModule
 
         return ActivationDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,9 @@ import urllib.request
 from typing import Callable, Optional
 
 from .. import wire
-from ..reading.client import ActivationServerError, RetryPolicy, ServerUnavailable, TensorReader, resolve_api_key
+from ..auth import bearer, resolve_api_key
+from .sharding import share
+from .client import ActivationServerError, RetryPolicy, ServerUnavailable, TensorReader
 
 
 class NotADirectory(ActivationServerError):
@@ -32,8 +34,7 @@ class NotADirectory(ActivationServerError):
 
 def _get_json(url: str, api_key: Optional[str], timeout: float) -> dict:
     """GET a JSON object; 4xx -> ActivationServerError; connection errors and 5xx -> ServerUnavailable."""
-    req = urllib.request.Request(url, headers={"Accept-Encoding": "identity",
-                                               **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    req = urllib.request.Request(url, headers={"Accept-Encoding": "identity", **bearer(api_key)})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             body = r.read()
@@ -63,7 +64,7 @@ def is_directory(url: str, api_key: Optional[str] = None, timeout: float = 10.0,
     retry, root = RetryPolicy(retry_for_s), url.rstrip("/") + "/"
 
     def attempt():
-        from ..reading.client import _Transient
+        from .client import _Transient
 
         try:
             return _get_json(root, resolve_api_key(api_key), timeout).get("kind") == wire.DIRECTORY_KIND
@@ -103,15 +104,6 @@ class DirectoryClient:
         """Servers past their first fill: serving now, or drained below min_fill after having served
         (serve-once and generation-bound: that is a short wait, not a reason to move elsewhere)."""
         return [s["url"] for s in self.servers() if s.get("serving") or (s.get("rows_read") or 0) > 0]
-
-
-def share(urls: list[str], index: int, shards: int) -> list[str]:
-    """The URLs shard `index` of `shards` reads (the rule RemoteActivationDataset uses for a URL list)."""
-    if not urls:
-        return []
-    if shards >= len(urls):
-        return [urls[index % len(urls)]]
-    return urls[index::shards]
 
 
 class DirectoryReader:

@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from ..shm.buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity, pid_alive
+from ..host import host_identity, pid_alive
+from ..shm import BufferSpec, NotReady, SharedActivationBuffer
 
 
 class SameHostGone(RuntimeError):

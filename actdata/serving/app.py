@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import hmac
 import json
 import logging
 import math
@@ -37,13 +36,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.gzip import GZipMiddleware
 
 from .. import __version__, wire
-from ..shm.buffer import BufferSpec, NotReady, SharedActivationBuffer, host_identity, pid_alive
-from ..serving.httpguard import Counters
-from ..serving.procs import read_json
+from ..auth import CHALLENGE, WRONG_KEY, authorized
+from ..host import host_identity, pid_alive
+from ..shm import BufferSpec, NotReady, SharedActivationBuffer, sidefiles
+from .httpguard import Counters
+from ..shm.sidefiles import read_json
 from ..config import Config
-from ..generation.loop import read_statistics, read_statuses, run_supervised, statistics_enabled, status_path
-from ..serving.metrics import MetricsMiddleware, ServingMetrics
-from ..serving.metrics import render as render_metrics
+from ..generation.loop import read_statistics, read_statuses, run_supervised, statistics_enabled
+from .metrics import MetricsMiddleware, ServingMetrics
+from .metrics import render as render_metrics
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 0.5  # a generator worker told to stop leaves after at most this long (see GeneratorWorker.setup)
@@ -57,7 +58,7 @@ class GeneratorWorker(ls.LitAPI):
         self.cfg, self.buffer_spec, self.local_generators = cfg, spec, local_generators
 
     def setup(self, device: str) -> None:
-        from ..serving.procs import setup_logging, die_with_parent
+        from .procs import setup_logging, die_with_parent
 
         die_with_parent()
         setup_logging(self.cfg.log_level, self.cfg.server.log_file)
@@ -72,7 +73,7 @@ class GeneratorWorker(ls.LitAPI):
             torch.cuda.set_device(device)
         name = f"{device.replace(':', '')}-w{index}"
         try:  # a fatal signal (SIGBUS, SIGSEGV) leaves its traceback where the supervisor reads it
-            self._crash_file = open(status_path(self.buffer_spec, name) + ".crash", "w")
+            self._crash_file = open(sidefiles.generator_crash(self.buffer_spec.path, name), "w")
             faulthandler.enable(file=self._crash_file)
         except OSError:
             pass
@@ -322,7 +323,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
 
     def http_processes() -> dict:
         """The HTTP processes as the main process's supervisor last published them (pids checked live)."""
-        info = read_json(spec.path + ".http.json") or {}
+        info = read_json(sidefiles.http_processes(spec.path)) or {}
         pids = info.get("pids") or []
         alive = sum(pid_alive(p) for p in pids) if pids else cfg.server.workers
         return {"configured": cfg.server.workers, "alive": alive, "pids": pids,
@@ -484,20 +485,18 @@ class _Guard:
 
     def __init__(self, app, key: Optional[str], max_header_bytes: int = 64 << 10):
         self.app, self.max_header_bytes = app, max_header_bytes
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.key = key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             refusal = None
-            authorized = self.expected is None or hmac.compare_digest(
-                dict(scope["headers"]).get(b"authorization", b""), self.expected)
-            scope["actdata.authenticated"] = authorized
+            ok = authorized(dict(scope["headers"]).get(b"authorization"), self.key)
+            scope["actdata.authenticated"] = ok
             if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
                 refusal = JSONResponse({"detail": f"request headers exceed {self.max_header_bytes} bytes"},
                                        status_code=431)
-            elif not authorized and not (scope["path"] == "/" and scope["method"] in ("GET", "HEAD")):
-                refusal = JSONResponse({"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
-                                       status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            elif not ok and not (scope["path"] == "/" and scope["method"] in ("GET", "HEAD")):
+                refusal = JSONResponse({"detail": WRONG_KEY}, status_code=401, headers=CHALLENGE)
             if refusal is not None:
                 return await refusal(scope, receive, send)
         await self.app(scope, receive, send)

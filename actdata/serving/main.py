@@ -7,7 +7,6 @@ unlink the buffer. Nothing is allocated before the config has been checked.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -19,8 +18,11 @@ import time
 import urllib.request
 from typing import Optional
 
-from ..serving.procs import publish_json, read_json
+from ..auth import resolve_api_key
+from ..host import group_pids
 from ..config import Config, ConfigError, estimate_bytes, human_bytes, synthetic_shape, to_config, validate
+from ..shm import sidefiles
+from ..shm.sidefiles import publish_json, read_json
 
 log = logging.getLogger(__name__)
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -100,7 +102,7 @@ class Supervisor:
             changed = True
         if workers and (changed or not hasattr(self, "_published")):
             self._published = True
-            publish_json(self.buffer.spec.path + ".http.json",
+            publish_json(sidefiles.http_processes(self.buffer.spec.path),
                          {"pids": [w.pid for w in workers.values()], "restarts": self.http_restarts,
                           "last_death": self.last_death})
 
@@ -114,9 +116,12 @@ class Supervisor:
                 continue
             proc.join(0)
             cause = self._died(f"generator worker {idx}", proc)
-            for path in glob.glob(glob.escape(self.buffer.spec.path) + f".gen-*-w{idx}.json"):
+            for name, path in sidefiles.generator_statuses(self.buffer.spec.path):
+                st = read_json(path) or {}
+                if st.get("pid") != proc.pid:
+                    continue
                 try:
-                    with open(path + ".crash") as f:
+                    with open(sidefiles.generator_crash(self.buffer.spec.path, name)) as f:
                         lines = [x.strip() for x in f.read(4000).splitlines() if x.strip()]
                 except OSError:
                     lines = []
@@ -125,7 +130,6 @@ class Supervisor:
                     cause += f": {crash}"
                     if "Bus error" in crash:
                         cause += " (the buffer's file lost its backing: filesystem or memory full?)"
-                st = read_json(path) or {}
                 st.update(state="dead", death=cause, last_error=cause)
                 publish_json(path, st)
             log.error("%s; starting it again", cause)
@@ -227,9 +231,10 @@ def _guarded(fn):
 def serve(cfg: Config) -> None:
     """Run the server until interrupted. Raises ConfigError / BufferSpaceError before allocating, and
     SystemExit(1) after a fatal stop (see Supervisor), so a service manager restarts it."""
-    from ..shm.buffer import SharedActivationBuffer, SHM_DIR, reclaim_stale
-    from ..serving.httpguard import Limits, guarded_protocol
-    from ..serving.procs import kill_descendants, raise_open_file_limit, setup_logging
+    from ..shm import SharedActivationBuffer
+    from ..shm.segment import SHM_DIR, reclaim_stale
+    from .httpguard import Limits, guarded_protocol
+    from .procs import kill_descendants, raise_open_file_limit, setup_logging
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
@@ -242,7 +247,7 @@ def serve(cfg: Config) -> None:
     backing = b.path or SHM_DIR
     log.info("buffer: %d rows x %s %s = %s (with index) in %s", b.size, list(shape), b.dtype,
              human_bytes(estimate_bytes(cfg, shape)), backing)
-    api_key = cfg.server.api_key or os.environ.get("ACTDATA_API_KEY") or None
+    api_key = resolve_api_key(cfg.server.api_key)
     if cfg.server.host in ("0.0.0.0", "::") and not api_key:
         log.warning("bound to all interfaces without an API key: anyone who can reach port %s can read and "
                     "refresh the buffer (set server.api_key or ACTDATA_API_KEY)", cfg.server.port)
@@ -265,13 +270,13 @@ def serve(cfg: Config) -> None:
             t0 = time.perf_counter()
             n = warm_start(buffer, b.warm_start, cfg.store.seed, cfg.store.column)
             log.info("warm start: %d rows from %s in %.1f s", n, b.warm_start, time.perf_counter() - t0)
-        from ..serving.metrics import ServingMetrics
-        from ..serving.app import build_server
+        from .metrics import ServingMetrics
+        from .app import build_server
 
         os.register_at_fork(after_in_child=lambda: _forked_child(buffer))  # LitServe's HTTP processes
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (a background job)
-        metrics = ServingMetrics(buffer.spec.path + ".metrics", create=True)
+        metrics = ServingMetrics(sidefiles.metrics(buffer.spec.path), create=True)
         server = build_server(cfg, buffer, metrics, api_key)
         sup = Supervisor(server, buffer)
         host = "127.0.0.1" if cfg.server.host == "0.0.0.0" else ("::1" if cfg.server.host == "::" else cfg.server.host)
@@ -342,7 +347,7 @@ class ServerProcess:
             args.append("server.log_file=null")
         args.append(f"server.ready_file={self.ready_file}")
         self._log = open(self.log_path, "ab")
-        from ..serving.procs import die_with_parent as _pdeathsig  # imported before the fork: preexec_fn runs in the child
+        from .procs import die_with_parent as _pdeathsig  # imported before the fork: preexec_fn runs in the child
 
         self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -381,7 +386,7 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             code = None
         deadline = time.time() + 2.0  # the resource tracker leaves by itself once the server is gone
-        while code is not None and time.time() < deadline and _group_alive(self.proc.pid):
+        while code is not None and time.time() < deadline and group_pids(self.proc.pid):
             time.sleep(0.02)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # anything of its group still alive
@@ -397,22 +402,6 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    for entry in os.listdir("/proc"):  # zombies do not count
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-        except (OSError, ValueError, IndexError):
-            continue
-    return False
 
 
 STOPPING = threading.Event()  # set once a stop was asked for: the supervisor restarts nothing after it
@@ -439,7 +428,7 @@ def _forked_child(buffer) -> None:
     mapped in the background so that reads of a large buffer cost what reads of a small one do."""
     import torch
 
-    from ..serving.procs import die_with_parent
+    from .procs import die_with_parent
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent()
@@ -490,7 +479,7 @@ def main() -> None:
             print(f"actdata: bad config: {e}", file=sys.stderr)
             sys.exit(2)
         except Exception as e:  # space and allocation errors: one clear line, no traceback
-            from ..shm.buffer import BufferSpaceError
+            from ..shm import BufferSpaceError
 
             if isinstance(e, BufferSpaceError):
                 print(f"actdata: {e}", file=sys.stderr)

@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from ..shm.buffer import ProcessLock, SharedActivationBuffer
+from ..shm import SharedActivationBuffer
+from ..shm.lock import ProcessLock
 from ..generation.loop import read_statuses
 
 ROUTES = ("/activations/tensor", "/activations", "/stats", "/", "/refresh", "/metrics", "other")

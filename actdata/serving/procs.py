@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Optional
 
+from ..host import children_of, pid_alive
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
@@ -44,17 +46,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 def descendants(pid: int) -> list[int]:
     """Every live descendant of `pid` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+    children = children_of()
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
@@ -86,7 +78,7 @@ def kill_descendants(timeout: float = 1.5) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             _reap()
-            pids = [p for p in pids if _exists(p)]
+            pids = [p for p in pids if pid_alive(p)]
             if not pids:
                 return
             time.sleep(0.05)
@@ -98,14 +90,6 @@ def _reap() -> None:
             pass
     except ChildProcessError:
         pass
-
-
-def _exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -121,56 +105,3 @@ def raise_open_file_limit() -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return soft, hard
-
-
-def publish_json(path: str, obj: dict) -> Optional[str]:
-    """Publish `obj` as JSON at `path` for other processes; returns None, or the error text when it
-    could not be written. Written to a temporary file and renamed (readers never see half a file);
-    when that fails for lack of space (ENOSPC/EDQUOT on a full disk or tmpfs), the existing file is
-    overwritten in place instead, within its first (already allocated) 4 KB page, which needs no new
-    space. Never raises OSError: status reporting must not kill its caller."""
-    import errno
-    import json
-
-    text = json.dumps(obj, default=str).encode()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        return None
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return f"{path}: {e.strerror}"
-        first = f"{path}: {e.strerror} (errno {errno.errorcode.get(e.errno, e.errno)})"
-    try:  # in place: pad with spaces to the old length so no byte beyond what exists is needed
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            size = os.fstat(fd).st_size
-            if len(text) > max(size, 4096):
-                return first
-            os.pwrite(fd, text + b" " * max(0, size - len(text)), 0)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return first
-
-
-def read_json(path: str, attempts: int = 3) -> Optional[dict]:
-    """A JSON object published with `publish_json`, or None (missing or unreadable)."""
-    import json
-
-    for _ in range(attempts):  # an in-place update may be seen half written: read again
-        try:
-            with open(path, "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            time.sleep(0.001)
-    return None

@@ -1,1 +1,6 @@
 """The buffer in shared memory: slots and their states, sampling, segment files and their space."""
+from .buffer import NotReady, SharedActivationBuffer
+from .layout import BufferSpec
+from .segment import BufferSpaceError
+
+__all__ = ["BufferSpaceError", "BufferSpec", "NotReady", "SharedActivationBuffer"]

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..storage.store import (DATA_START, NP_WORDS, PROVENANCE, TORCH_DTYPES, Shard, Store, StoreError, filesystem,
+from .store import (DATA_START, NP_WORDS, PROVENANCE, TORCH_DTYPES, Shard, Store, StoreError, filesystem,
                     open_store, read_header, verify_shard)
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, row_bytes
+from ..config import Config, ConfigError
+from ..wire import row_bytes
 from ..stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -495,7 +496,7 @@ def open_store(path: Optional[str], key: str = "store.path", column: Optional[st
     manifests = sorted(n for n in names if _MANIFEST_RE.match(n))
     if not manifests:
         if "state.json" in names and "dataset_info.json" in names:
-            from ..storage.replay import open_dataset_store
+            from .replay import open_dataset_store
 
             return open_dataset_store(path, key, column)
         half = [n for n in names if n.endswith(".tmp")]
