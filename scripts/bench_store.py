@@ -40,7 +40,9 @@ from actdata.config import Config  # noqa: E402
 from actdata.generation.loop import run_supervised  # noqa: E402
 from actdata.storage.replay import StoreSource  # noqa: E402
 from actdata.serving.main import ServerProcess  # noqa: E402
-from actdata.storage.store import StoreWriter, describe, manifest_name, open_store  # noqa: E402
+from actdata.storage.catalog import open_store  # noqa: E402
+from actdata.storage.format import describe, manifest_name  # noqa: E402
+from actdata.storage.writer import StoreWriter  # noqa: E402
 from actdata.generation.synthetic import make_rows  # noqa: E402
 from bench_serve import dataloader_rate, wait_full  # noqa: E402
 

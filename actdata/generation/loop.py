@@ -367,7 +367,7 @@ def _tail(provenance: Optional[dict], n: int) -> Optional[dict]:
 def _open_store_writer(cfg: Config, spec: BufferSpec, index: int, count: int, status: Status):
     if not cfg.store.write:
         return None
-    from ..storage.store import open_writer
+    from ..storage.writer import open_writer
 
     try:
         return open_writer(cfg, spec.sample_shape, index, count)

@@ -32,7 +32,7 @@ def sample_shape(cfg: Config) -> tuple[int, ...]:
     """The row shape: from the config for the synthetic source, from the store's manifest for a replay,
     from the model's config otherwise. Any store named (store.path, buffer.warm_start) is checked against
     it here, before anything is allocated."""
-    from ..storage.store import check_store_config, check_store_matches
+    from ..storage.checks import check_store_config, check_store_matches
 
     if cfg.generator.source == "store":
         return check_store_config(cfg)
