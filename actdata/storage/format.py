@@ -26,16 +26,12 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
-from ..wire import row_bytes
+from ..wire import DTYPES, row_bytes, tensors_layout
 from ..stats import RunningStats
 
 FORMAT = "actdata-store"
 VERSION = 1
 DATA_START = 4096  # bytes of header (8-byte length + JSON padded with spaces): rows start page-aligned
-PROVENANCE = {"token_ids": np.int32, "positions": np.int32, "doc_ids": np.int64}
-ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64"}
-NP_WORDS = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 is read as raw words
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MANIFEST_RE = re.compile(r"manifest-g(\d+)\.json$")
 
 
@@ -62,17 +58,12 @@ def filesystem(path: str):
 
 def shard_header(n: int, shape: tuple, dtype: str, extras: dict[str, np.ndarray]) -> bytes:
     """The safetensors header (length + JSON, space-padded to DATA_START) for n rows followed by extras."""
-    rb = row_bytes(tuple(shape), dtype)
-    meta = {"__metadata__": {"format": FORMAT, "version": str(VERSION)},
-            "rows": {"dtype": ST_DTYPES[dtype], "shape": [n, *shape], "data_offsets": [0, n * rb]}}
-    off = n * rb
-    for name, arr in extras.items():
-        meta[name] = {"dtype": ST_DTYPES[str(arr.dtype)], "shape": [len(arr)], "data_offsets": [off, off + arr.nbytes]}
-        off += arr.nbytes
-    text = json.dumps(meta, separators=(",", ":")).encode()
+    specs = [("rows", DTYPES[dtype], (n, *shape))] + [(k, torch.from_numpy(a).dtype, a.shape) for k, a in extras.items()]
+    prefix, _, _ = tensors_layout(specs, {"format": FORMAT, "version": VERSION})
+    text = prefix[8:]  # the JSON, whose trailing spaces are padding
     if len(text) > DATA_START - 8:
         raise ValueError("shard header does not fit in DATA_START")
-    return len(text.ljust(DATA_START - 8)).to_bytes(8, "little") + text.ljust(DATA_START - 8)
+    return (DATA_START - 8).to_bytes(8, "little") + text.ljust(DATA_START - 8)
 
 
 def read_header(f) -> dict:

@@ -28,8 +28,8 @@ import torch
 
 from .catalog import open_store
 from .datasets_dir import DatasetBlocks
-from .format import (DATA_START, NP_WORDS, PROVENANCE, TORCH_DTYPES, Shard, Store, StoreError, filesystem, read_header,
-                     verify_shard)
+from ..wire import DTYPES, NUMPY, PROVENANCE, row_bytes
+from .format import DATA_START, Shard, Store, StoreError, filesystem, read_header, verify_shard
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 4 << 20  # rows yielded at a time
@@ -53,11 +53,11 @@ class ShardReader:
             return base[DATA_START + a:DATA_START + b].view(np_dtype)
 
         n = shard.rows
-        words = arr("rows", NP_WORDS[store.dtype]).reshape(n, *store.sample_shape)
+        words = arr("rows", NUMPY[DTYPES[store.dtype]]).reshape(n, *store.sample_shape)
         t = torch.from_numpy(words)
         self.rows = t.view(torch.bfloat16) if store.dtype == "bfloat16" else t
         self.origin = arr("origin", np.int64) if "origin" in head else None
-        self.provenance = {k: arr(k, t) for k, t in PROVENANCE.items()} if "token_ids" in head else None
+        self.provenance = {k: arr(k, NUMPY[t]) for k, t in PROVENANCE.items()} if "token_ids" in head else None
 
 
 class StoreSource:
@@ -68,7 +68,7 @@ class StoreSource:
         self.idle = idle
         self.start = _start_position(start)
         self.store, self.g, self.G, self.seed, self.passes = store, g, G, seed, passes
-        rb = int(np.prod(store.sample_shape)) * torch.empty(0, dtype=TORCH_DTYPES[store.dtype]).element_size()
+        rb = row_bytes(store.sample_shape, store.dtype)
         self.batch_rows = batch_rows or max(1, BATCH_BYTES // rb)
         self.mine = store.shards[g::G]
         self.verified: set[str] = set()
@@ -148,7 +148,7 @@ class StoreSource:
         self.st["state"] = "done" if self.mine else "idle (no shard for this generator)"
         if not self.idle:
             return
-        empty = torch.empty(0, *self.store.sample_shape, dtype=TORCH_DTYPES[self.store.dtype])
+        empty = torch.empty(0, *self.store.sample_shape, dtype=DTYPES[self.store.dtype])
         while True:  # nothing more to serve; keep the loop responsive to its stop event
             time.sleep(0.5)
             yield empty, np.empty(0, np.int64), {"contexts": 0, "tokens": 0, "store": self.status(0)}

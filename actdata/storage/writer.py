@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..wire import row_bytes
+from ..wire import DTYPES, NUMPY, PROVENANCE, PROVENANCE_BYTES, row_bytes
 from ..stats import RunningStats
-from .format import (DATA_START, NP_WORDS, PROVENANCE, TORCH_DTYPES, check_compatible, describe, filesystem,
-                     load_json, manifest_name, shard_header, shard_name, stats_from_json, stats_to_json)
+from .format import (DATA_START, check_compatible, describe, filesystem, load_json, manifest_name, shard_header,
+                     shard_name, stats_from_json, stats_to_json)
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,10 @@ class StoreWriter:
         if self.st["state"] != "writing":
             self.st["rows_not_stored"] += k
             return
-        data = rows.reshape(k, -1).to(TORCH_DTYPES[self.dtype])
+        data = rows.reshape(k, -1).to(DTYPES[self.dtype])
         data = (data.clone() if data.data_ptr() == rows.data_ptr() else data).contiguous()
         item = (data, None if origin is None else np.array(origin[:k], np.int64),
-                None if provenance is None else {n: np.array(provenance[n][:k], t) for n, t in PROVENANCE.items()})
+                None if provenance is None else {n: np.array(provenance[n][:k], NUMPY[t]) for n, t in PROVENANCE.items()})
         nbytes = k * self.row_bytes
         with self._cond:
             t0 = None
@@ -198,7 +198,7 @@ class StoreWriter:
                 pass
 
     def _open(self) -> bool:
-        shard_bytes = DATA_START + self.shard_rows * (self.row_bytes + 8 + 16)
+        shard_bytes = DATA_START + self.shard_rows * (self.row_bytes + 8 + PROVENANCE_BYTES)
         if self.max_bytes is not None and self.st["bytes"] + self._inflight + shard_bytes > self.max_bytes:
             self.st["state"] = "full (store.max_bytes)"
             log.warning("store %s: %d bytes stored; another shard would pass store.max_bytes=%d: writing stops, "
@@ -266,7 +266,7 @@ class StoreWriter:
         stats = None
         if self.keep_stats:
             stats = RunningStats(self.shape)
-            words = torch.from_numpy(mm[:cur["rows"] * self.row_bytes].view(NP_WORDS[self.dtype]))
+            words = torch.from_numpy(mm[:cur["rows"] * self.row_bytes].view(NUMPY[DTYPES[self.dtype]]))
             rows = (words.view(torch.bfloat16) if self.dtype == "bfloat16" else words).view(cur["rows"], *self.shape)
             for a in range(0, cur["rows"], chunk_rows):
                 stats.merge(batch_stats(rows[a:a + chunk_rows], self.shape))
