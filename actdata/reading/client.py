@@ -1,12 +1,8 @@
-"""Clients of an actdata server: the control API (`ActivationClient`) and the fast tensor reader.
+"""The control API of an actdata server (`ActivationClient`) and its demo, `python -m actdata.client`.
 
-- `ActivationClient(url)`: health, stats, waiting for data, JSON and tensor batches, refresh. Control
-  routes go through one `requests.Session` (keep-alive); tensor batches go through a `TensorReader`.
-- `TensorReader(url)`: one persistent `http.client` connection reading `GET /activations/tensor`. It reads
-  the headers, checks them (X-Tensor-Shape x X-Tensor-Dtype must equal Content-Length, the rows must be the
-  rows asked for, the row shape the one seen before) before it allocates anything, then `readinto()`s the
-  body straight into the tensor's memory: one copy, socket -> tensor. `RemoteActivationDataset` uses it in
-  each DataLoader worker.
+`ActivationClient(url)`: health, stats, waiting for data, JSON and tensor batches, statistics, refresh.
+Control routes go through one `requests.Session` (keep-alive); tensor batches through a `TensorReader`
+(actdata.reading.tensor_reader).
 
 The server's URL: `url=` if given, else `$ACTDATA_URL`, else `http://localhost:8000` (as the original
 service's client did).
@@ -22,126 +18,21 @@ as `Authorization: Bearer <key>`.
 """
 from __future__ import annotations
 
-import http.client
-import json
 import math
-import os
-import random
-import socket
-import threading
 import time
-import urllib.parse
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Mapping, Optional
 
 import requests
-import torch
 
 from .. import wire
 from ..auth import API_KEY_ENV, bearer, resolve_api_key
+from .failures import (RETRY_STATUSES, ActivationServerError, RetryPolicy, ServerUnavailable, Transient,
+                       error_detail, retry_after)
+from .tensor_reader import ProvenanceBatch, TensorReader
+from .urls import DEFAULT_URL, URL_ENV, resolve_url
 
-URL_ENV = "ACTDATA_URL"
-DEFAULT_URL = "http://localhost:8000"
-RETRY_STATUSES = (502, 503, 504)
-
-
-class ActivationServerError(RuntimeError):
-    """The server refused a request (4xx: the caller's mistake) or could not be reached in time.
-
-    `url`, `status` (None for connection errors) and `detail` (the server's `detail` string or the
-    connection error) are kept as attributes. Constructible from the message alone, so the type survives
-    a DataLoader worker re-raising it in the main process.
-    """
-
-    def __init__(self, message: str, url: Optional[str] = None, status: Optional[int] = None,
-                 detail: Optional[str] = None):
-        super().__init__(message)
-        self.url, self.status, self.detail = url, status, detail
-
-
-class ServerUnavailable(ActivationServerError):
-    """Connection errors, timeouts or 502/503/504 for longer than the retry budget (`retry_for_s`)."""
-
-
-class _Transient(Exception):
-    """Internal: a failure worth retrying, with the server's Retry-After (seconds) when it sent one."""
-
-    def __init__(self, reason: str, retry_after: Optional[float] = None, status: Optional[int] = None):
-        super().__init__(reason)
-        self.reason, self.retry_after, self.status = reason, retry_after, status
-
-
-def resolve_url(url: Optional[str] = None) -> str:
-    """`url` if given, else `$ACTDATA_URL`, else http://localhost:8000; with a scheme, without a trailing '/'."""
-    url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).strip().rstrip("/")
-    return url if "://" in url else "http://" + url
-
-
-def _detail(body: bytes) -> str:
-    """The server's `detail` from a JSON error body, or the body's start as text."""
-    try:
-        d = json.loads(body)
-        if isinstance(d, dict) and "detail" in d:
-            return d["detail"] if isinstance(d["detail"], str) else json.dumps(d["detail"])
-    except ValueError:
-        pass
-    return body[:300].decode(errors="replace") or "(empty body)"
-
-
-def _retry_after(value: Optional[str]) -> Optional[float]:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-class RetryPolicy:
-    """Exponential backoff bounded by a total time.
-
-    `run(attempt_fn)` calls `attempt_fn()` until it returns. `_Transient` failures are retried after
-    `min(max_backoff, backoff * 2**n)` seconds (with +-20% jitter) or the server's Retry-After, whichever
-    the server asked for, never sleeping past `retry_for_s` seconds after the first failure; after that
-    `ServerUnavailable` is raised. Other exceptions pass through at once.
-    """
-
-    def __init__(self, retry_for_s: float = 60.0, backoff: float = 0.1, max_backoff: float = 5.0,
-                 stop: Optional[threading.Event] = None):
-        self.retry_for_s, self.backoff, self.max_backoff = float(retry_for_s), float(backoff), float(max_backoff)
-        self.stop = stop  # once set, a failure is final (the reader is being closed)
-
-    def run(self, attempt_fn: Callable, url: str, what: str):
-        first_failure, n = None, 0
-        while True:
-            try:
-                return attempt_fn()
-            except _Transient as e:
-                now = time.monotonic()
-                first_failure = first_failure if first_failure is not None else now
-                left = self.retry_for_s - (now - first_failure)
-                if self.stop is not None and self.stop.is_set():
-                    left = 0
-                if left <= 0:
-                    raise ServerUnavailable(
-                        f"{what} {url}: gave up after {now - first_failure:.1f} s of retries "
-                        f"(retry_for_s={self.retry_for_s:g}); last error: {e.reason}",
-                        url=url, status=e.status, detail=e.reason) from None
-                wait = e.retry_after if e.retry_after is not None else \
-                    min(self.max_backoff, self.backoff * 2 ** n) * random.uniform(0.8, 1.2)
-                if self.stop is not None:
-                    self.stop.wait(min(wait, left))
-                else:
-                    time.sleep(min(wait, left))
-                n += 1
-
-
-class ProvenanceBatch(NamedTuple):
-    """Rows with their origin (`GET /activations/tensor?provenance=1`; needs generator.provenance=true).
-    doc_ids: the context id, (g << 40) | context counter of generator g; positions: the row's position in
-    that context (0 = BOS); token_ids: the token at that position."""
-
-    activations: torch.Tensor  # [n, *sample_shape]
-    token_ids: torch.Tensor  # int32 [n]
-    positions: torch.Tensor  # int32 [n]
-    doc_ids: torch.Tensor  # int64 [n]
+__all__ = ["ActivationClient", "ActivationServerError", "ServerUnavailable", "ProvenanceBatch", "TensorReader",
+           "RetryPolicy", "scaling_factor", "resolve_url", "main"]
 
 
 def scaling_factor(statistics: Mapping) -> list:
@@ -150,215 +41,6 @@ def scaling_factor(statistics: Mapping) -> list:
     convention of SAELens and dictionary_learning). Multiply rows of point p by factor[p]."""
     width = statistics["width"]
     return [None if not m else math.sqrt(width / m) for m in statistics["mean_sq_norm"]]
-
-
-class TensorReader:
-    """One keep-alive `http.client` connection that fetches `[n, *sample_shape]` tensors.
-
-    `fetch(n)` sends `GET /activations/tensor?num_samples=n`, allocates the tensor described by the
-    response headers with `allocate(headers)` (default: `wire.empty_for`) and reads the body into it with
-    `readinto` (one copy). A connection that fails is closed and opened again on the next attempt; a
-    request that failed on a reused connection (the server closed it while idle) is retried at once.
-    Only standard-library objects are held, created lazily: a reader may be built in one process and
-    first used in another, but not shared by two at once.
-    """
-
-    SPREAD_TRIES = 6
-
-    def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
-                 retry: Optional[RetryPolicy] = None, rcvbuf: Optional[int] = None):
-        url = resolve_url(url)
-        u = urllib.parse.urlsplit(url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self.url = f"{u.scheme}://{u.netloc}{u.path.rstrip('/')}"
-        self._https, self._host = u.scheme == "https", u.hostname
-        self._port = u.port or (443 if self._https else 80)
-        self._path = u.path.rstrip("/") + wire.TENSOR_PATH
-        self.timeout, self.rcvbuf = float(timeout), rcvbuf
-        self.retry = retry or RetryPolicy()
-        key = resolve_api_key(api_key)
-        self._headers = {"Accept-Encoding": "identity", **bearer(key)}
-        self._conn: Optional[http.client.HTTPConnection] = None
-        self._requests_on_conn = 0
-        self.row_format: Optional[tuple[tuple[int, ...], torch.dtype]] = None  # (row shape, dtype) once seen
-        # Spreading: a connection's requests are all served by the HTTP process that accepted it, and which
-        # one does is chance. A reader given `prefer` (its place among the readers of one trainer) that is
-        # answered by process i of n with i != prefer % n reconnects, at most SPREAD_TRIES times.
-        self.prefer: Optional[int] = None
-        self.spread_tries = self.SPREAD_TRIES
-        self.server_process: Optional[tuple[int, int]] = None  # (i, n) of the last answer (wire.PROCESS)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self.server_process = None
-
-    def abort(self) -> None:
-        """Wake a read blocked in another thread: shut the socket down (closing it would not wake it)."""
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self.timeout)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.rcvbuf:
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(self.rcvbuf))
-        self._requests_on_conn = 0
-        return conn
-
-    def fetch(self, num_samples: int, empty: Optional[Callable] = None, out: Optional[torch.Tensor] = None
-              ) -> tuple[torch.Tensor, Mapping]:
-        """(tensor, response headers: a case-insensitive mapping) for `num_samples` rows, with retries (see
-        RetryPolicy). The tensor is `out` when given (its shape and dtype must match the answer), else made
-        by `empty(shape, dtype=...)` (default torch.empty, e.g. an allocator of shared memory)."""
-        return self.retry.run(lambda: self._attempt(num_samples, empty, out), self.url, "GET tensor from")
-
-    def fetch_provenance(self, num_samples: int) -> ProvenanceBatch:
-        """`num_samples` rows with their provenance (one safetensors body), with retries."""
-        return self.retry.run(lambda: self._attempt(num_samples, None, None, provenance=True), self.url,
-                              "GET tensor from")
-
-    def _attempt(self, num_samples: int, empty: Optional[Callable], out: Optional[torch.Tensor],
-                 provenance: bool = False):
-        query = f"num_samples={int(num_samples)}" + (f"&{wire.PROVENANCE_QUERY}=1" if provenance else "")
-        for fresh_retry in (False, True):
-            reused = self._conn is not None and self._requests_on_conn > 0
-            try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                self._conn.request("GET", f"{self._path}?{query}", headers=self._headers)
-                self._requests_on_conn += 1
-                resp = self._conn.getresponse()
-                if resp.status == 200 and provenance:
-                    return self._read_tensors(resp, int(num_samples))
-                if resp.status == 200:
-                    return self._read_body(resp, int(num_samples), empty, out)
-                body = resp.read()
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
-                stopping = self.retry.stop is not None and self.retry.stop.is_set()
-                if reused and not fresh_retry and not isinstance(e, TimeoutError) and not stopping:
-                    continue  # an idle keep-alive connection closed by the server: retry at once
-                raise _Transient(f"{type(e).__name__}: {e}") from None
-            if resp.will_close:
-                self.close()
-            detail = _detail(body)
-            if resp.status in RETRY_STATUSES:
-                raise _Transient(f"HTTP {resp.status}: {detail}", _retry_after(resp.getheader("Retry-After")),
-                                 resp.status)
-            raise ActivationServerError(f"GET {self.url}{wire.TENSOR_PATH}?num_samples={num_samples} -> "
-                                        f"HTTP {resp.status}: {detail}", url=self.url, status=resp.status,
-                                        detail=detail)
-        raise AssertionError("unreachable")
-
-    def _bad(self, what: str) -> ActivationServerError:
-        self.close()  # the rest of this body is not read: the connection cannot be reused
-        return ActivationServerError(f"{self.url}: bad tensor response: {what}", url=self.url, status=200,
-                                     detail=what)
-
-    def check_headers(self, headers: Mapping, num_samples: int) -> tuple[tuple[int, ...], torch.dtype, int]:
-        """(shape, dtype, nbytes) of a 200 answer, checked before anything is allocated: the headers describe
-        a tensor (actdata.wire), Content-Length is an integer equal to shape x dtype, the rows are the rows
-        asked for, and the row shape and dtype are those of earlier answers. Raises ActivationServerError."""
-        try:
-            shape, dtype, nbytes = wire.parse(headers)
-        except wire.WireError as e:
-            raise self._bad(str(e)) from None
-        length = headers.get("Content-Length")
-        if length is None:
-            raise self._bad("no Content-Length")
-        try:
-            length_n = int(length)
-        except ValueError:
-            raise self._bad(f"Content-Length {length!r} is not an integer") from None
-        if not shape or shape[0] != num_samples:
-            raise self._bad(f"{wire.SHAPE} {headers.get(wire.SHAPE)!r} but {num_samples} rows were asked for")
-        if length_n != nbytes:
-            raise self._bad(f"Content-Length {length_n} but {wire.SHAPE} x {wire.DTYPE} describe {nbytes} bytes")
-        row = (shape[1:], dtype)
-        if self.row_format is not None and row != self.row_format:
-            raise self._bad(f"rows of {list(shape[1:])} {dtype} after rows of {list(self.row_format[0])} "
-                            f"{self.row_format[1]}")
-        self.row_format = row
-        return shape, dtype, nbytes
-
-    def _read_body(self, resp: http.client.HTTPResponse, num_samples: int, empty: Optional[Callable],
-                   out: Optional[torch.Tensor]) -> tuple[torch.Tensor, Mapping]:
-        headers = resp.headers  # case-insensitive (http.client.HTTPMessage)
-        shape, dtype, total = self.check_headers(headers, num_samples)
-        if out is not None:
-            if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
-                raise self._bad(f"{list(shape)} {dtype} does not fit the batch {list(out.shape)} {out.dtype}")
-            tensor = out
-        else:
-            tensor = (empty or torch.empty)(shape, dtype=dtype)
-        view = tensor.reshape(-1).view(torch.uint8).numpy().data if total else memoryview(bytearray())
-        got = 0
-        while got < total:  # usually one call: BufferedReader.readinto fills large buffers from the socket
-            n = resp.readinto(view[got:])
-            if not n:
-                raise http.client.IncompleteRead(b"", total - got)
-            got += n
-        if resp.will_close:
-            self.close()
-        else:
-            self._spread(headers.get(wire.PROCESS))
-        return tensor, headers
-
-    def _spread(self, process: Optional[str]) -> None:
-        """Reconnect before the next request if another server process should serve this reader."""
-        try:
-            i, n = (int(x) for x in process.split("/"))
-        except (AttributeError, ValueError):
-            return
-        self.server_process = (i, n)
-        if self.prefer is not None and n > 1 and i != self.prefer % n and self.spread_tries > 0:
-            self.spread_tries -= 1
-            self.close()
-
-    def _read_tensors(self, resp: http.client.HTTPResponse, num_samples: int) -> ProvenanceBatch:
-        """A safetensors body (rows + provenance) read into one buffer; the tensors are views of it."""
-        length = resp.getheader("Content-Length")
-        try:
-            nbytes = int(length)
-        except (TypeError, ValueError):
-            raise self._bad(f"Content-Length {length!r} is not an integer") from None
-        if self.row_format is not None:  # never allocate more than the rows asked for can take
-            shape, dtype = self.row_format
-            most = num_samples * (math.prod(shape) * dtype.itemsize + 16) + (64 << 10)
-            if not 0 <= nbytes <= most:
-                raise self._bad(f"Content-Length {nbytes} is more than {num_samples} rows with provenance take")
-        body = torch.empty(nbytes, dtype=torch.uint8).numpy().data  # not zero-filled, unlike bytearray
-        view, got = body, 0
-        while got < len(body):
-            n = resp.readinto(view[got:])
-            if not n:
-                raise http.client.IncompleteRead(b"", len(body) - got)
-            got += n
-        if resp.will_close:
-            self.close()
-        else:
-            self._spread(resp.getheader(wire.PROCESS))
-        try:
-            t, _ = wire.decode_tensors(body)
-            return ProvenanceBatch(t["activations"], t["token_ids"], t["positions"], t["doc_ids"])
-        except (wire.WireError, KeyError) as e:
-            self.close()
-            raise ActivationServerError(f"{self.url}: bad safetensors response: {e}", url=self.url, status=200,
-                                        detail=str(e)) from None
-
-    def __getstate__(self):  # a connection does not travel between processes: the copy reconnects
-        state = self.__dict__.copy()
-        state["_conn"] = None
-        return state
 
 
 class ActivationClient:
@@ -391,12 +73,12 @@ class ActivationClient:
             try:
                 r = self.session.request(method, self.url + path, timeout=self.timeout, **kw)
             except requests.RequestException as e:
-                raise _Transient(f"{type(e).__name__}: {e}") from None
+                raise Transient(f"{type(e).__name__}: {e}") from None
             if r.status_code in RETRY_STATUSES:
-                raise _Transient(f"HTTP {r.status_code}: {_detail(r.content)}",
-                                 _retry_after(r.headers.get("Retry-After")), r.status_code)
+                raise Transient(f"HTTP {r.status_code}: {error_detail(r.content)}",
+                                 retry_after(r.headers.get("Retry-After")), r.status_code)
             if r.status_code >= 400:
-                detail = _detail(r.content)
+                detail = error_detail(r.content)
                 raise ActivationServerError(f"{method} {self.url}{path} -> HTTP {r.status_code}: {detail}",
                                             url=self.url, status=r.status_code, detail=detail)
             return r

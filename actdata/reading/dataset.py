@@ -51,13 +51,8 @@ A 4xx (e.g. a wrong API key) raises `ActivationServerError` at once.
 from __future__ import annotations
 
 import itertools
-import logging
-import queue
 import sys
-import threading
-import time
-from concurrent.futures import Future
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -69,314 +64,12 @@ except ImportError:  # pragma: no cover - a torch that moved it
     _BaseDatasetFetcher = None
 
 from .. import wire
-from .batchslots import worker_pool
 from ..auth import resolve_api_key
-from .sharding import distributed_rank_world, share, split_evenly
-from .client import ActivationClient, ProvenanceBatch, RetryPolicy, TensorReader, resolve_url
+from .sharding import distributed_rank_world, share
+from .stream import Stream
+from .urls import resolve_urls
 
-log = logging.getLogger(__name__)
 DEFAULT_RCVBUF = None  # kernel autotuning: a 16 MiB SO_RCVBUF measured no better on loopback
-DEFAULT_BATCH = 4096  # rows per batch when batch_size is None, unless the server allows fewer
-
-
-def resolve_urls(url_or_urls: Union[None, str, Sequence[str]]) -> list[str]:
-    """A list of server URLs from one URL, a list, or None ($ACTDATA_URL, else http://localhost:8000)."""
-    urls = [url_or_urls] if url_or_urls is None or isinstance(url_or_urls, str) else list(url_or_urls)
-    if not urls:
-        raise ValueError("RemoteActivationDataset needs at least one URL")
-    return [resolve_url(u) for u in urls]
-
-
-class _Source:
-    """One server as seen by one shard: its row format and per-request maximum (from `GET /stats`, asked
-    once), its same-host reader when the buffer is reachable, else its HTTP reader."""
-
-    def __init__(self, url: str, ds: "RemoteActivationDataset", retry: RetryPolicy, http=None):
-        self.url, self.ds = url, ds
-        client = ActivationClient(url, api_key=ds.api_key, timeout=ds.timeout, retry_for_s=ds.retry_for_s)
-        try:
-            st = client.get_stats()
-        finally:
-            client.close()
-        self.sample_shape = tuple(int(x) for x in st["sample_shape"])
-        self.dtype = wire.DTYPES[st["dtype"]]
-        server = st.get("server", {})
-        self.max_rows = max(1, int(server.get("max_samples_per_request") or st["capacity"]))
-        self.half_capacity = max(1, int(st["capacity"]) // 2)
-        self.http = http or TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf)
-        self.directory = http is not None
-        if http is not None:  # a cluster's directory: rows come from whichever of its servers serves
-            self.local = None
-            return
-        self.local = None
-        if ds.local:
-            from .samehost import open_same_host
-
-            self.local, why = open_same_host(server.get("same_host"))
-            if self.local is None:
-                (log.debug if "another host" in why else log.warning)(
-                    "%s: same-host path not used (%s); reading over HTTP", url, why)
-
-    def read(self, n: int, empty: Callable) -> torch.Tensor:
-        """n rows [n, *sample_shape] in the served dtype, in requests of at most max_rows."""
-        if n <= self.max_rows and self.local is None:
-            return self.http.fetch(n, empty=empty)[0]
-        out = empty((n, *self.sample_shape), dtype=self.dtype)
-        for a in range(0, n, self.max_rows):
-            self._read_into(out[a:a + self.max_rows])
-        return out
-
-    def read_provenance(self, n: int) -> ProvenanceBatch:
-        """n rows with their provenance, over HTTP (one safetensors body per request of at most max_rows)."""
-        parts = [self.http.fetch_provenance(min(self.max_rows, n - a)) for a in range(0, n, self.max_rows)]
-        if len(parts) == 1:
-            return parts[0]
-        return ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
-
-    def _read_into(self, out: torch.Tensor) -> None:
-        if self.local is not None:
-            from .samehost import SameHostGone
-
-            try:
-                self.local.read(out, wait_s=self.ds.retry_for_s)
-                return
-            except SameHostGone as e:
-                log.warning("%s: same-host path stopped (%s); reading over HTTP", self.url, e)
-                self.local.close()
-                self.local = None
-        self.http.fetch(len(out), out=out)
-
-    def abort(self) -> None:
-        """Wake a read blocked on the network (its socket is shut down; close() still follows)."""
-        abort = getattr(self.http, "abort", None)
-        if abort is not None:
-            abort()
-
-    def close(self) -> None:
-        self.http.close()
-        if self.local is not None:
-            self.local.close()
-            self.local = None
-
-
-class _Stream:
-    """One shard's iteration: its sources, its budget and how much of it was delivered."""
-
-    def __init__(self, ds: "RemoteActivationDataset", resume: Optional[dict]):
-        self.index, shards, self.urls = ds.shard()  # this shard's place among the trainer's readers
-        index = self.index
-        self.ds = ds
-        self.max_batches = split_evenly(ds.max_batches, shards, index)
-        self.max_samples = split_evenly(ds.max_samples, shards, index)
-        resume = resume or {}
-        self.rows, self.batches = int(resume.get("rows", 0)), int(resume.get("batches", 0))
-        self.in_worker = get_worker_info() is not None
-        self.retry = RetryPolicy(ds.retry_for_s, stop=threading.Event())
-        self.sources: list[_Source] = []  # opened on the first batch, inside the worker
-        self.ahead: Optional[_ReadAhead] = None  # the batches being read ahead (see _ReadAhead)
-        self.drop_last = False  # DataLoader(..., batch_size=B, drop_last=True): no batch under B rows
-
-    def open(self) -> None:
-        if not self.sources:
-            self.sources = self._directory() or self._sources(prefer=None)
-            for s in self.sources:  # the shard's first reader (TensorReader.prefer; lanes: _sources)
-                if not s.directory:
-                    s.http.prefer = self.index * max(1, self._depth())
-
-    def _sources(self, prefer: Optional[int]) -> list["_Source"]:
-        """A reader of each of this shard's servers; `prefer`: its place among the trainer's readers."""
-        out = [_Source(u, self.ds, self.retry) for u in self.urls]
-        for s in out:
-            s.http.prefer = prefer
-        return out
-
-    def _directory(self) -> Optional[list["_Source"]]:
-        """A single URL that is a cluster's directory (actdata.discovery): one source reading from the
-        servers it lists for this shard, moving to another when one fails. None for server URLs."""
-        if len(self.ds.urls) != 1:
-            return None
-        from .directory import DirectoryReader, is_directory
-
-        ds = self.ds
-        if not is_directory(ds.urls[0], ds.api_key, timeout=min(ds.timeout, 10.0), retry_for_s=ds.retry_for_s):
-            return None
-        index, shards, _ = ds.shard()
-        reader = DirectoryReader(ds.urls[0], index, shards, ds.api_key, timeout=ds.timeout,
-                                 retry_for_s=ds.retry_for_s, rcvbuf=ds.rcvbuf)
-        return [_Source(reader.first_server(), ds, self.retry, http=reader)]
-
-    @property
-    def batch_size(self) -> int:
-        """The dataset's batch size, or min(DEFAULT_BATCH, every source's per-request maximum, half its
-        buffer): a default batch never waits for a completely full buffer."""
-        if self.ds.batch_size is not None:
-            return self.ds.batch_size
-        self.open()
-        return min(DEFAULT_BATCH, *(min(s.max_rows, s.half_capacity) for s in self.sources))
-
-    def exhausted(self) -> bool:
-        return ((self.max_batches is not None and self.batches >= self.max_batches)
-                or (self.max_samples is not None and self.rows >= self.max_samples))
-
-    def next_batch(self, n: int) -> Optional[torch.Tensor]:
-        """The next batch of n rows (fewer when the sample budget ends), or None when the budget is spent.
-        The batches after it are read meanwhile (see _ReadAhead), as far as the budget allows."""
-        if self.exhausted():
-            return None
-        if self.max_samples is not None and self.max_samples - self.rows < n:
-            if self.drop_last:
-                return None
-            n = self.max_samples - self.rows
-        self.open()
-        if self.ahead is None and (depth := self._depth()):
-            lanes = [lambda: self.sources] + [lambda j=j: self._sources(prefer=self.index * depth + j)
-                                               for j in range(1, depth)]
-            self.ahead = _ReadAhead(lanes, self._read)
-        if self.ahead is None:
-            x = self._read(self.sources, self.batches, n)
-        else:
-            self.ahead.plan(self._upcoming(n))
-            x = self.ahead.take(self.batches, n)
-        self.rows += n
-        self.batches += 1
-        if self.ahead is not None:
-            self.ahead.plan(self._upcoming(n))  # read on while the caller works on x
-        return x
-
-    def _depth(self) -> int:
-        """Batches read ahead: none in one of several DataLoader workers (the workers are the read-ahead);
-        two, on two connections, when every source is a plain HTTP server (a connection's requests are
-        served one after another by one server process, so one connection keeps one busy); else one."""
-        info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            return 0
-        return 2 if all(s.local is None and not s.directory for s in self.sources) else 1
-
-    def _upcoming(self, n: int) -> list[tuple[int, int]]:
-        """(index, rows) of the batches after those delivered, as deep as the read-ahead goes and the
-        budget allows, each of n rows (the last fewer when max_samples ends within it, none with drop_last)."""
-        out, rows = [], self.rows
-        for i in range(self.batches, self.batches + len(self.ahead.lanes)):
-            k = n if self.max_samples is None else min(n, self.max_samples - rows)
-            if k <= 0 or (self.drop_last and k < n) or (self.max_batches is not None and i >= self.max_batches):
-                break
-            out.append((i, k))
-            rows += k
-        return out
-
-    def _read(self, sources: list["_Source"], index: int, n: int):
-        """Batch `index` of this stream: n rows from source index % len(sources)."""
-        source = sources[index % len(sources)]
-        convert = self.ds.dtype is not None and self.ds.dtype != source.dtype
-        if self.ds.provenance:
-            b = source.read_provenance(n)
-            return b._replace(activations=b.activations.to(self.ds.dtype)) if convert else b
-        empty = worker_pool().empty if self.in_worker and not convert else torch.empty
-        x = source.read(n, empty)
-        if convert:
-            x = worker_pool().empty(tuple(x.shape), self.ds.dtype).copy_(x) if self.in_worker else x.to(self.ds.dtype)
-        return x
-
-    def close(self) -> None:
-        self.retry.stop.set()  # a read ahead in progress gives up instead of retrying
-        sources = list(self.sources)
-        if self.ahead is not None:
-            ahead, self.ahead = self.ahead, None
-            idle = ahead.idle(1.0)
-            if not idle:  # a read stuck on a silent server: wake it (its socket shut), then wait again
-                for s in ahead.sources():
-                    s.abort()
-                idle = ahead.idle(5.0)
-            ahead.close(join_s=1.0 if idle else 0.0)
-            if not idle:  # never unmap or close what a running read uses: left to that thread
-                log.warning("a read ahead did not end; its connections are left open")
-                self.sources = []
-                return
-            sources += [s for s in ahead.sources() if s not in sources]
-        for s in sources:
-            s.close()
-        self.sources = []
-
-
-class _ReadAhead:
-    """Reads the next batches in daemon threads while the caller uses the current one, as DataLoader
-    workers do, without processes: in the main process (`num_workers=0`, or the dataset iterated
-    directly) or a lone worker, a request otherwise waits for the server's gather and then the transfer
-    while the trainer idles. Batch i is read by lane i % lanes; a lane is one thread with its own sources
-    (lane 0: the stream's; others: their own connections, opened on first use), so no reader is ever used
-    by two threads at once. A batch read ahead and not taken (the loop stopped, or another batch size was
-    asked) is dropped: its rows count as served."""
-
-    def __init__(self, lanes: list[Callable[[], list]], read: Callable):
-        self.lanes = [_Lane(make) for make in lanes]
-        self.read = read
-        self.pending: dict[int, tuple[int, Future]] = {}  # batch index -> (rows, its read)
-
-    def _submit(self, i: int, n: int) -> Future:
-        return self.lanes[i % len(self.lanes)].submit(lambda sources: self.read(sources, i, n))
-
-    def plan(self, batches: list[tuple[int, int]]) -> None:
-        for i, n in batches:
-            if i not in self.pending:
-                self.pending[i] = (n, self._submit(i, n))
-
-    def take(self, i: int, n: int):
-        """Batch i of n rows: the read ahead (its exception, if it failed), else read now."""
-        got = self.pending.pop(i, None)
-        if got is None or got[0] != n:
-            if got is not None:
-                got[1].exception()  # another size was asked: wait for the read, drop its batch
-            got = (n, self._submit(i, n))
-        return got[1].result()
-
-    def idle(self, wait_s: float) -> bool:
-        """Whether no read is running, after waiting up to wait_s seconds for them to end."""
-        deadline = time.monotonic() + wait_s
-        for i, (_, fut) in list(self.pending.items()):
-            try:
-                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                return False
-            del self.pending[i]
-        return True
-
-    def sources(self) -> list:
-        return [s for lane in self.lanes for s in (lane.sources or [])]
-
-    def close(self, join_s: float = 0.0) -> None:
-        """End the lanes' threads: each after the read it is running, if any; waits up to join_s seconds
-        for them (idle lanes end at once, so a stream closed after its reads leaves no thread behind)."""
-        for lane in self.lanes:
-            lane.jobs.put(None)
-        deadline = time.monotonic() + join_s
-        for lane in self.lanes:
-            if lane.thread is not threading.current_thread():  # (a close from a finalizer run in a lane)
-                lane.thread.join(max(0.0, deadline - time.monotonic()))
-
-
-class _Lane:
-    """One read-ahead thread and the sources it reads with (made by `make` in the thread, on first use)."""
-
-    def __init__(self, make: Callable[[], list]):
-        self.make, self.sources = make, None
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="actdata-read-ahead", daemon=True)
-        self.thread.start()
-
-    def submit(self, fn: Callable) -> Future:
-        fut: Future = Future()
-        self.jobs.put((fut, fn))
-        return fut
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            fut, fn = job
-            try:
-                if self.sources is None:
-                    self.sources = self.make()
-                fut.set_result(fn(self.sources))
-            except BaseException as e:  # re-raised where the batch is taken
-                fut.set_exception(e)
 
 
 class PendingRow:
@@ -385,7 +78,7 @@ class PendingRow:
 
     __slots__ = ("stream",)
 
-    def __init__(self, stream: _Stream):
+    def __init__(self, stream: Stream):
         self.stream = stream
 
 
@@ -448,7 +141,7 @@ class RemoteActivationDataset(IterableDataset):
         self.rank, self.world_size, self.local = rank, world_size, bool(local)
         self._dist_at_pickle: Optional[tuple[int, int]] = None
         self._resume: Optional[dict] = None  # from load_state_dict, used by the next iteration
-        self._stream: Optional[_Stream] = None  # the live iteration of this process (not pickled)
+        self._stream: Optional[Stream] = None  # the live iteration of this process (not pickled)
 
     def __getstate__(self):
         # Spawned workers do not see the parent's torch.distributed state: take the rank along.
@@ -488,7 +181,7 @@ class RemoteActivationDataset(IterableDataset):
     # -- iteration ----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
         fetcher = _calling_fetcher()
-        stream = self._stream = _Stream(self, self._resume)
+        stream = self._stream = Stream(self, self._resume)
         self._resume = None
         if fetcher is not None and fetcher.auto_collation:
             if fetcher.collate_fn is torch.utils.data.default_collate:
@@ -498,7 +191,7 @@ class RemoteActivationDataset(IterableDataset):
         return self._batches(stream)
 
     @staticmethod
-    def _batches(stream: _Stream) -> Iterator[torch.Tensor]:
+    def _batches(stream: Stream) -> Iterator[torch.Tensor]:
         try:
             while (x := stream.next_batch(stream.batch_size)) is not None:
                 yield x
@@ -506,7 +199,7 @@ class RemoteActivationDataset(IterableDataset):
             stream.close()
 
     @staticmethod
-    def _placeholders(stream: _Stream) -> Iterator[PendingRow]:
+    def _placeholders(stream: Stream) -> Iterator[PendingRow]:
         # The budget moves only when the collate reads a batch, which also ends the stream once it is spent
         # (collate_pending), so the placeholders need no check of their own: a C iterator hands out the
         # fetcher's B placeholders per batch ~5x faster than a Python loop (B = 4096: ~0.6 ms per batch).
@@ -517,7 +210,7 @@ class RemoteActivationDataset(IterableDataset):
             stream.close()
 
     @classmethod
-    def _rows(cls, stream: _Stream) -> Iterator[torch.Tensor]:
+    def _rows(cls, stream: Stream) -> Iterator[torch.Tensor]:
         for x in cls._batches(stream):
             yield from x
 

@@ -25,7 +25,8 @@ from typing import Callable, Optional
 from .. import wire
 from ..auth import bearer, resolve_api_key
 from .sharding import share
-from .client import ActivationServerError, RetryPolicy, ServerUnavailable, TensorReader
+from .failures import ActivationServerError, RetryPolicy, ServerUnavailable, Transient
+from .tensor_reader import TensorReader
 
 
 class NotADirectory(ActivationServerError):
@@ -64,12 +65,10 @@ def is_directory(url: str, api_key: Optional[str] = None, timeout: float = 10.0,
     retry, root = RetryPolicy(retry_for_s), url.rstrip("/") + "/"
 
     def attempt():
-        from .client import _Transient
-
         try:
             return _get_json(root, resolve_api_key(api_key), timeout).get("kind") == wire.DIRECTORY_KIND
         except ServerUnavailable as e:
-            raise _Transient(str(e), status=e.status) from None
+            raise Transient(str(e), status=e.status) from None
         except ActivationServerError:  # not JSON, or a 4xx on GET /: whatever it is, not a directory
             return False
 
