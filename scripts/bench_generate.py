@@ -105,7 +105,7 @@ class Actdata:
         if origin:  # provenance, statistics and the saved position, as actdata.generation.loop keeps them
             import tempfile
 
-            from actdata.generation.loop import Progress
+            from actdata.generation.progress import Progress
 
             cfg.generator.state_dir = tempfile.mkdtemp(prefix="actdata-bench-state-")
             self.progress = Progress(cfg, self.buf.spec, "bench", 0, 1)

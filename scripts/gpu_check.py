@@ -43,7 +43,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
 import torch
 
 from actdata.shm.buffer import SharedActivationBuffer
@@ -263,7 +262,8 @@ gen.run_supervised(Config(), BufferSpec(sys.argv[1], 100, (16,), "float32"), "cu
 
 @check("poisoned", "process exits with POISONED_EXIT", needs_cuda=True)
 def check_poisoned(args, report):
-    from actdata.generation.loop import POISONED_EXIT, read_statuses
+    from actdata.generation.loop import POISONED_EXIT
+    from actdata.generation.status import read_statuses
 
     buf = SharedActivationBuffer.create(100, (16,), "float32")
     try:

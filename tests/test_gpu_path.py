@@ -29,12 +29,13 @@ import pytest
 import torch
 
 from actdata.generation import loop as gen
-from actdata.shm import BufferSpec, SharedActivationBuffer
+from actdata.shm import SharedActivationBuffer
 from actdata.config import Config, ConfigError, validate
 from actdata.generation.loading import load_model
 from actdata.generation.model_source import ModelSource
 from actdata.generation.placement import poisons_context, resolve_dtype, cpu_auto_dtype
 from actdata.generation.sites import OutlierFilter, sample_shape
+from actdata.generation.status import read_statuses
 
 from test_capture import build, make_cfg, reference
 
@@ -206,7 +207,7 @@ def test_a_poisoned_cuda_context_ends_the_worker_process():
                            timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
         assert r.returncode == gen.POISONED_EXIT, r.stdout + r.stderr
         assert "returned instead" not in r.stdout
-        st = gen.read_statuses(buf.spec)[0]
+        st = read_statuses(buf.spec)[0]
         assert st["state"] == "dead" and "illegal memory access" in st["last_error"]
         assert buf.stats()["rows_written"] == 2
     finally:
@@ -283,9 +284,9 @@ def test_overflow_count_reaches_status_and_metrics(overflowing, corpus, tmp_path
     t.start()
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and not any(s.get("rows_overflowed") for s in gen.read_statuses(buf.spec)):
+        while time.time() < deadline and not any(s.get("rows_overflowed") for s in read_statuses(buf.spec)):
             time.sleep(0.05)
-        st = gen.read_statuses(buf.spec)[0]
+        st = read_statuses(buf.spec)[0]
         assert st["rows_overflowed"] > 0
         metrics = ServingMetrics(str(tmp_path / "m"), create=True)
         text = render(buf, metrics).decode()

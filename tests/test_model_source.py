@@ -16,7 +16,8 @@ from actdata.shm import BufferSpec, SharedActivationBuffer
 from actdata.generation.model_source import ModelSource
 from actdata.generation.sites import sample_shape
 from actdata.config import Config, ConfigError
-from actdata.generation.loop import read_statuses, run_supervised
+from actdata.generation.loop import run_supervised
+from actdata.generation.status import read_statuses
 
 
 def embedded_cfg(**gen) -> Config:

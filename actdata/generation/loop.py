@@ -1,23 +1,23 @@
-"""The generation loop: a source of rows (a model over text, or synthetic) -> the shared buffer.
+"""The generation loop: one generator writes the rows of its source into the shared buffer until stopped.
 
-`run_supervised` is what a LitServe device worker runs in a background thread: it builds the source on
-its device, writes every batch into random free slots of the buffer, publishes its status (state,
-rates, counters, last error) in a small JSON file beside the buffer, and restarts the source with
-back-off when it fails. A source that fails before producing anything `startup_attempts` times in a
-row is reported as failed and not restarted again (a bad model or dataset name will not fix itself).
-Before a restart the old source (its model, hooks, staging buffers) is freed, and the CUDA cache
-emptied, so two models never sit on the device at once. A CUDA error that leaves the process's context
-unusable (device-side assert, illegal memory access: see placement.poisons_context) is not retried in
-this process: the worker process exits with POISONED_EXIT and LitServe (restart_workers) starts a fresh
-one, whose Status carries the restart count and the error on.
+`run_supervised` is what a LitServe device worker runs in a background thread. Its `Generator` builds
+the source (generation.source: a model over text, synthetic rows, or a store replayed) on its device,
+writes every batch into free slots of the buffer, pausing while the buffer's filesystem or memory is
+full, copies the rows to a store too when `store.write`, and publishes its status (generation.status)
+beside the buffer. The failure policy:
 
-Numbering, state and statistics. The generator is g of G (g = node_rank * local generators + local
-index, G = num_nodes * local generators): it reads only its share of the corpus (actdata.text) and its
-context ids are (g << 40) | counter. With a `generator.state_dir` it resumes from its saved state
-(actdata.position) and saves the position after each batch BEFORE committing the batch to the buffer.
-With `generator.statistics` it folds every batch it writes (the rows as written, buffer.dtype, reduced in
-float64) into a RunningStats, published every few seconds beside the buffer
-(`<buffer>.stats-<name>.safetensors`, merged by GET /statistics) and saved with the state.
+- a failed source is freed (its model, hooks and staging buffers, then the CUDA cache, so two models
+  never sit on the device at once) and rebuilt after a back-off that doubles while no row comes out;
+- a source that fails `startup_attempts` times in a row before producing a row is reported 'failed' and
+  not rebuilt, since a bad model or dataset name will not fix itself;
+- an error that leaves the process's CUDA context unusable (placement.poisons_context) is not retried in
+  this process: the worker exits with POISONED_EXIT and LitServe (restart_workers) starts a fresh one,
+  whose Status carries the restart count and the error on.
+
+Numbering. The generator is g of G (g = node_rank * local generators + local index, G = num_nodes *
+local generators): it reads only its share of the corpus (generation.text) and its context ids are
+(g << 40) | counter. Its totals, saved position and statistics are kept by generation.progress, which
+saves the position after each batch BEFORE the batch is committed to the buffer.
 """
 from __future__ import annotations
 
@@ -27,32 +27,31 @@ import os
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..host import pid_alive
-from ..shm import BufferSpaceError, BufferSpec, SharedActivationBuffer, sidefiles
-from ..shm.sidefiles import publish_json, read_json
 from .. import wire
 from ..config import Config
+from ..shm import BufferSpaceError, BufferSpec, SharedActivationBuffer
+from .placement import poisons_context
+from .progress import Progress, read_statistics, statistics_enabled
+from .source import BatchInfo, RowSource
+from .status import Status, read_statuses
 
-if TYPE_CHECKING:
-    from ..stats import RunningStats
+# read_statistics, read_statuses and statistics_enabled are re-exported: serving/ reads them from here
+__all__ = ["POISONED_EXIT", "Generator", "make_source", "read_statistics", "read_statuses", "release_source",
+           "run_supervised", "statistics_enabled"]
 
 log = logging.getLogger(__name__)
 POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure has made unusable
 
-# Each yielded item: rows [k, *sample_shape] on the CPU, origin ids [k] (context of each row), and
-# running counters {"contexts": n, "tokens": n, "corpus_passes": n (optional)} for this item.
-Batch = tuple[torch.Tensor, np.ndarray, dict]
-
 
 def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: int = 1,
-                start: Optional[dict] = None) -> Iterable[Batch]:
+                start: Optional[dict] = None) -> RowSource:
     """The source of generator `index` (g) of `count` (G), continuing from a saved state `start` if given."""
-    if cfg.generator.source == "store":  # replay: no model, no tokenizer (actdata/replay.py)
+    if cfg.generator.source == "store":  # replay: no model, no tokenizer
         from ..storage.replay import make_store_source
 
         return make_store_source(cfg, index, count, start)
@@ -68,96 +67,7 @@ def make_source(cfg: Config, spec: BufferSpec, device: str, index: int, count: i
     return ModelSource(cfg, device, index, count=count, start=start)
 
 
-def statistics_enabled(cfg: Config) -> bool:
-    """generator.statistics, where null means: on for the model source, off for the synthetic one."""
-    s = cfg.generator.statistics
-    return cfg.generator.source == "model" if s is None else bool(s)
-
-
-def read_statistics(spec: BufferSpec) -> list[tuple[str, "RunningStats"]]:
-    """(generator name, RunningStats) of every generator of this buffer that published statistics."""
-    from safetensors.torch import load_file
-
-    from ..stats import RunningStats
-
-    out = []
-    for name, path in sidefiles.generator_stats_files(spec.path):
-        try:
-            out.append((name, RunningStats.from_tensors(load_file(path))))
-        except Exception:  # noqa: BLE001 - being replaced right now, or torn by a crash: skip it
-            continue
-    return out
-
-
-RESERVE_IDS = 1 << 16  # synthetic ids saved ahead of use (a restart skips at most this many)
-
-
-class Progress:
-    """Numbering, saved state and running statistics of one generator (see the module docstring)."""
-
-    def __init__(self, cfg: Config, spec: BufferSpec, name: str, index: int, count: int):
-        from .state import GeneratorState
-        from ..stats import RunningStats
-
-        self.g, self.G, self.spec, self.name = index, count, spec, name
-        self.state = GeneratorState.for_config(cfg, index, count)
-        self.saved = (self.state.load() if self.state else None) or {}
-        self.totals = {k: int(self.saved.get(k, 0)) for k in ("contexts", "tokens", "rows")}
-        self.stats = None
-        if statistics_enabled(cfg):
-            self.stats = (self.state.load_stats(spec.sample_shape) if self.state else None) or RunningStats(spec.sample_shape)
-        self._published = 0.0
-        self.publish_stats(force=True)
-
-    def start(self) -> dict:
-        """The state a (re)started source continues from: the latest saved (kept in memory too)."""
-        return self.saved
-
-    def before_commit(self, rows: torch.Tensor, info: dict) -> None:
-        """Called with each batch before it is written: save the position after it, fold it into the statistics."""
-        for k, n in (("contexts", info.get("contexts", 0)), ("tokens", info.get("tokens", 0)), ("rows", len(rows))):
-            self.totals[k] += int(n)
-        if "next_id" in info and self.state and info["next_id"] <= self.saved.get("next_id", -1):
-            pass  # synthetic: ids up to the reserved one are already covered by the saved state
-        else:
-            self.saved = {k: info[k] for k in ("position", "next_context", "next_id") if k in info}
-            if "next_id" in info:  # reserve ids ahead: a restart skips them instead of saving every batch
-                self.saved["next_id"] = int(info["next_id"]) + RESERVE_IDS
-            self.saved.update(self.totals)
-            if self.state:
-                self.state.save(**self.saved)
-        if self.stats is not None:
-            self.stats.update(rows)
-            self.publish_stats()
-
-    def waiting(self, status: "Status"):
-        """What to do while the buffer is full: publish the status and the statistics."""
-        def on_wait():
-            status.update()
-            self.publish_stats()
-        return on_wait
-
-    def publish_stats(self, force: bool = False) -> None:
-        from .state import STATS_EVERY_S, write_stats
-
-        if self.stats is None or not (force or time.monotonic() - self._published >= min(2.0, STATS_EVERY_S)):
-            return
-        self._published = time.monotonic()
-        write_stats(sidefiles.generator_stats(self.spec.path, self.name), self.stats)
-        if self.state:
-            self.state.save_stats(self.stats, force=force)
-
-    def position(self) -> dict:
-        """For /stats: where this generator is (pass, documents, offset or next_id; totals done)."""
-        pos = dict(self.saved.get("position") or {})
-        if "next_id" in self.saved:
-            pos["next_id"] = self.saved["next_id"]
-        return {"g": self.g, "G": self.G, **pos, "contexts_done": self.totals["contexts"],
-                "tokens_done": self.totals["tokens"], "rows_done": self.totals["rows"],
-                "state_file": self.state.path if self.state else None}
-
-
-def release_source(source) -> None:
+def release_source(source: Optional[RowSource]) -> None:
     """Free a source before the next one is built: its model and buffers, then the CUDA cache."""
     close = getattr(source, "close", None)
     if close is not None:
@@ -177,183 +87,169 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def read_statuses(spec: BufferSpec) -> list[dict]:
-    """Statuses of every generator of this buffer; a generator whose process is gone shows as 'dead'."""
-    out = []
-    for _, path in sidefiles.generator_statuses(spec.path):
-        st = read_json(path)
-        if not isinstance(st, dict):
-            continue
-        if st.get("state") not in ("stopped", "failed") and not pid_alive(st.get("pid", -1)):
-            st["state"] = "dead"
-        out.append(st)
-    return out
+class Generator:
+    """Generator `index` (g) of `count` (G) on `device`: its source's rows into the buffer of `spec`
+    until `stop` is set, with the failure policy of the module docstring."""
 
+    def __init__(self, cfg: Config, spec: BufferSpec, device: str, index: int, count: int,
+                 stop: threading.Event, startup_attempts: int = 3, max_backoff_s: float = 30.0,
+                 on_poisoned: Callable[[int], None] = exit_process):
+        self.cfg, self.spec, self.device, self.index, self.count, self.stop = cfg, spec, device, index, count, stop
+        self.startup_attempts, self.max_backoff_s, self.on_poisoned = startup_attempts, max_backoff_s, on_poisoned
+        self.name = f"{device.replace(':', '')}-w{index}"  # stable across restarts of the worker process
+        self.status = Status(spec, self.name, device, cfg.generator.source)
+        self.buffer: Optional[SharedActivationBuffer] = None
+        self.progress: Optional[Progress] = None
+        self.store = None  # the store writer, when store.write
+        self.produced = 0  # rows the current source has written
+        self.failures = 0  # sources in a row that failed before producing a row
+        self.backoff = 1.0  # seconds to wait before the next source is built
 
-class Status:
-    """The status of one generator, published atomically as JSON (at most every `interval` seconds)."""
-
-    def __init__(self, spec: BufferSpec, name: str, device: str, source: str, interval: float = 0.5):
-        self.path, self.interval, self._last = sidefiles.generator_status(spec.path, name), interval, 0.0
-        self.d = {"name": name, "pid": os.getpid(), "device": device, "source": source, "state": "loading",
-                  "tokens_per_s": 0.0, "rows_per_s": 0.0, "rows_written": 0, "contexts": 0, "tokens": 0,
-                  "corpus_passes": 0, "rows_overflowed": 0, "restarts": 0, "last_error": None, "started_at": time.time(),
-                  "updated_at": time.time()}
-        self._window: list[tuple[float, int, int]] = []
-        prev = read_json(self.path)  # a previous process of this worker slot that died: carry its history
-        if prev and prev.get("pid") != os.getpid() and prev.get("state") not in ("stopped",):
-            self.d["restarts"] = prev.get("restarts", 0) + 1
-            self.d["last_error"] = prev.get("death") or prev.get("last_error") or f"worker process {prev.get('pid')} died"
-
-    def update(self, force: bool = False, **kw) -> None:
-        """Merge `kw` and publish (at most every `interval` s unless forced). Never raises: a status
-        that cannot be written (a full disk) is kept in memory and published when it can be; the
-        reason is in `status_error`."""
+    def run(self) -> None:
+        """Generate until `stop`. Every way out is published in the status: 'stopped', 'failed' (with the
+        error), or 'crashed' for an error outside the restart loop itself (logged and re-raised)."""
+        self._open()
         try:
-            self.d.update(kw)
-            now = time.time()
-            if force or now - self._last >= self.interval:
-                self._rates(now)
-                self.d["updated_at"], self._last = now, now
-                err = publish_json(self.path, self.d)
-                if err != self.d.get("status_error"):
-                    self.d["status_error"] = err
-                    if err:
-                        log.error("generator %s: cannot publish its status: %s", self.d["name"], err)
-                        publish_json(self.path, self.d)  # in place, with the reason
-        except Exception as e:  # noqa: BLE001 - reporting must never end the loop it reports on
-            log.error("generator status update failed: %s: %s", type(e).__name__, e)
+            self._supervise()
+        except BaseException as e:  # a bug in the loop itself: never silent
+            self.status.update(force=True, state="crashed", last_error=f"{type(e).__name__}: {e}")
+            log.critical("generator %s loop crashed: %s\n%s", self.name, e, traceback.format_exc())
+            raise
+        finally:
+            self._close()
 
-    def _rates(self, now: float) -> None:
-        self._window.append((now, self.d["rows_written"], self.d["tokens"]))
-        self._window = [w for w in self._window if now - w[0] <= 10.0] or self._window[-1:]
-        t0, r0, k0 = self._window[0]
-        if now > t0:
-            self.d["rows_per_s"] = (self.d["rows_written"] - r0) / (now - t0)
-            self.d["tokens_per_s"] = (self.d["tokens"] - k0) / (now - t0)
+    def _open(self) -> None:
+        """Attach the buffer, load the saved progress, open the store writer (None unless store.write)."""
+        try:
+            self.buffer = SharedActivationBuffer.attach(self.spec)
+            self.progress = Progress(self.cfg, self.spec, self.name, self.index, self.count)
+        except BaseException as e:
+            self.status.update(force=True, state="failed", last_error=f"cannot start: {type(e).__name__}: {e}")
+            raise
+        self.status.update(force=True, position=self.progress.position())
+        if self.buffer.reserved:  # map the rows ahead of this writer while the model loads; a sparse buffer
+            self.buffer.populate_in_background(self.stop)  # (buffer.reserve=false) allocates slot by slot as it writes
+        self.store = _open_store_writer(self.cfg, self.spec, self.index, self.count, self.status)
+
+    def _close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.status.update(force=True, store_writer=self.store.state())
+        try:
+            self.progress.publish_stats(force=True)
+        except Exception as e:  # noqa: BLE001 - stopping must not fail on a full disk
+            log.warning("generator %s: could not save its statistics: %s", self.name, e)
+        self.buffer.close()
+
+    def _supervise(self) -> None:
+        """Build and drain one source after another until `stop`, or until the failure policy gives up."""
+        source = None
+        while not self.stop.is_set():
+            self.produced = 0
+            try:
+                self.status.update(force=True, state="loading")
+                source = make_source(self.cfg, self.spec, self.device, self.index, self.count, self.progress.start())
+                self.status.update(force=True, state="running")
+                self._drain(source)
+            except Exception as e:  # a failing source must not take the server down
+                if not self._recover(e):
+                    return
+            finally:
+                release_source(source)  # the old model goes before a new one is built
+                source = None
+            if self.status.d["state"] == "restarting":
+                self.stop.wait(self.backoff)
+        self.status.update(force=True, state="stopped")
+
+    def _drain(self, source: RowSource) -> None:
+        """Write every batch of `source` until it ends (then it is rebuilt) or `stop` is set."""
+        for rows, origin, info in source:
+            self.progress.before_commit(rows, info)
+            n = self._write(rows, origin, info.get("provenance"))
+            if self.store is not None:
+                self._copy_to_store(rows, origin, info, n)
+            if "store" in info:  # replaying a store: pass, shard, bad shards
+                self.status.d["store_replay"] = info["store"]
+            self.produced += n
+            self._count(n, info)
+            if self.stop.is_set():
+                return
+        log.warning("generator %s: source ended; restarting it", self.name)
+
+    def _write(self, rows: torch.Tensor, origin: Optional[np.ndarray], provenance: Optional[dict]) -> int:
+        """Write every row, pausing while the buffer's filesystem (or memory) is full and resuming when
+        space returns; the pause and its reason are in the status. Returns rows written."""
+        done, paused = 0, False
+        while done < len(rows):
+            try:
+                done += self.buffer.write(rows[done:], None if origin is None else origin[done:], self.stop,
+                                          on_wait=self._waiting, provenance=_tail(provenance, done))
+                if self.stop.is_set():
+                    break
+            except BufferSpaceError as e:
+                done += e.done
+                if not paused:
+                    log.error("generator %s: writing paused: %s", self.name, e)
+                    paused = True
+                self.status.update(force=True, state="paused", last_error=str(e),
+                                   paused_since=self.status.d.get("paused_since") or time.time())
+                if self.stop.wait(1.0):
+                    break
+        if paused:
+            log.info("generator %s: space is back; writing resumed", self.name)
+            self.status.update(force=True, state="running", paused_since=None)
+        return done
+
+    def _waiting(self) -> None:
+        """While the buffer is full: keep the status and the statistics fresh."""
+        self.status.update()
+        self.progress.publish_stats()
+
+    def _copy_to_store(self, rows: torch.Tensor, origin: np.ndarray, info: BatchInfo, n: int) -> None:
+        """The `n` rows just written to the buffer, once, to the store."""
+        self.store.put(rows[:n], origin[:n], _head(info.get("provenance"), n), self.stop,
+                       on_wait=lambda: self.status.update(store_writer=self.store.state()))
+        self.status.d["store_writer"] = self.store.state()
+
+    def _count(self, n: int, info: BatchInfo) -> None:
+        """Add a written batch to the buffer's context count and to the status (the first batch at once)."""
+        d = self.status.d
+        self.buffer.note_contexts(info.get("contexts", 0))
+        self.status.update(force=self.produced == n,
+                           rows_written=d["rows_written"] + n,
+                           contexts=d["contexts"] + info.get("contexts", 0),
+                           tokens=d["tokens"] + info.get("tokens", 0),
+                           corpus_passes=info.get("corpus_passes", d["corpus_passes"]),
+                           rows_overflowed=d["rows_overflowed"] + info.get("rows_overflowed", 0),
+                           position=self.progress.position())
+
+    def _recover(self, e: Exception) -> bool:
+        """The failure policy after source failure `e` (called while it is handled): True to build a new
+        source after `backoff` seconds, False when this generator gives up."""
+        err = f"{type(e).__name__}: {e}"
+        log.error("generator %s failed: %s\n%s", self.name, err, traceback.format_exc())
+        if poisons_context(e):  # every later CUDA call of this process would fail: a fresh process
+            self.status.update(force=True, state="restarting", last_error=err)
+            log.error("generator %s: the CUDA context is unusable; ending worker process %d so that "
+                      "a fresh one is started", self.name, os.getpid())
+            self.on_poisoned(POISONED_EXIT)
+            return False
+        self.failures = 0 if self.produced else self.failures + 1
+        if self.failures >= self.startup_attempts:
+            self.status.update(force=True, state="failed", last_error=err)
+            log.error("generator %s failed %d times before producing a row; giving up", self.name, self.failures)
+            return False
+        self.backoff = 1.0 if self.produced else min(self.backoff * 2, self.max_backoff_s)
+        self.status.update(force=True, state="restarting", last_error=err, restarts=self.status.d["restarts"] + 1)
+        return True
 
 
 def run_supervised(cfg: Config, spec: BufferSpec, device: str, index: int, stop: threading.Event,
                    startup_attempts: int = 3, max_backoff_s: float = 30.0, count: int = 1,
-                   on_poisoned=exit_process) -> None:
-    """Generate into the buffer until `stop` is set, restarting the source on failure. `index` is this
-    generator's global number g of `count` = G. Every way out of this function is published in the
-    status: 'stopped', 'failed' (with the error), or 'crashed' for an error outside the restart loop
-    itself (it is logged and re-raised)."""
-    name = f"{device.replace(':', '')}-w{index}"  # stable across restarts of the worker process
-    status = Status(spec, name, device, cfg.generator.source)
-    try:
-        buffer = SharedActivationBuffer.attach(spec)
-        progress = Progress(cfg, spec, name, index, count)
-    except BaseException as e:
-        status.update(force=True, state="failed", last_error=f"cannot start: {type(e).__name__}: {e}")
-        raise
-    status.update(force=True, position=progress.position())
-    if buffer.reserved:  # map the rows ahead of this writer while the model loads; a sparse buffer
-        buffer.populate_in_background(stop)  # (buffer.reserve=false) allocates slot by slot as it writes
-    store = _open_store_writer(cfg, spec, index, count, status)  # None unless store.write
-    try:
-        _loop(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, name, status, buffer,
-              progress, store, on_poisoned)
-    except BaseException as e:  # a bug in the loop itself: never silent
-        status.update(force=True, state="crashed", last_error=f"{type(e).__name__}: {e}")
-        log.critical("generator %s loop crashed: %s\n%s", name, e, traceback.format_exc())
-        raise
-    finally:
-        if store is not None:
-            store.close()
-            status.update(force=True, store_writer=store.state())
-        try:
-            progress.publish_stats(force=True)
-        except Exception as e:  # noqa: BLE001 - stopping must not fail on a full disk
-            log.warning("generator %s: could not save its statistics: %s", name, e)
-        buffer.close()
-
-
-def _loop(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, name, status, buffer,
-          progress, store, on_poisoned) -> None:
-    from .placement import poisons_context
-
-    failures_before_output, backoff = 0, 1.0
-    source = None
-    while not stop.is_set():
-        produced = 0
-        try:
-            status.update(force=True, state="loading")
-            source = make_source(cfg, spec, device, index, count, progress.start())
-            status.update(force=True, state="running")
-            for rows, origin, info in source:
-                progress.before_commit(rows, info)
-                n = _write_all(buffer, rows, origin, info.get("provenance"), stop, status, name,
-                               on_wait=progress.waiting(status))
-                if store is not None:  # the same rows, once, to the store (actdata/store.py)
-                    store.put(rows[:n], origin[:n], _head(info.get("provenance"), n), stop,
-                              on_wait=lambda: status.update(store_writer=store.state()))
-                    status.d["store_writer"] = store.state()
-                if "store" in info:  # replaying a store: pass, shard, bad shards
-                    status.d["store_replay"] = info["store"]
-                produced += n
-                buffer.note_contexts(info.get("contexts", 0))
-                status.update(force=produced == n,  # publish the first batch at once
-                              rows_written=status.d["rows_written"] + n,
-                              contexts=status.d["contexts"] + info.get("contexts", 0),
-                              tokens=status.d["tokens"] + info.get("tokens", 0),
-                              corpus_passes=info.get("corpus_passes", status.d["corpus_passes"]),
-                              rows_overflowed=status.d["rows_overflowed"] + info.get("rows_overflowed", 0),
-                              position=progress.position())
-                if stop.is_set():
-                    break
-            else:
-                log.warning("generator %s: source ended; restarting it", name)
-        except Exception as e:  # a failing source must not take the server down
-            err = f"{type(e).__name__}: {e}"
-            log.error("generator %s failed: %s\n%s", name, err, traceback.format_exc())
-            if poisons_context(e):  # every later CUDA call of this process would fail: a fresh process
-                status.update(force=True, state="restarting", last_error=err)
-                log.error("generator %s: the CUDA context is unusable; ending worker process %d so that "
-                          "a fresh one is started", name, os.getpid())
-                on_poisoned(POISONED_EXIT)
-                return
-            failures_before_output = 0 if produced else failures_before_output + 1
-            if failures_before_output >= startup_attempts:
-                status.update(force=True, state="failed", last_error=err)
-                log.error("generator %s failed %d times before producing a row; giving up", name,
-                          failures_before_output)
-                return
-            backoff = 1.0 if produced else min(backoff * 2, max_backoff_s)
-            status.update(force=True, state="restarting", last_error=err, restarts=status.d["restarts"] + 1)
-        finally:
-            source = release_source(source)  # the old model goes before a new one is built
-        if status.d["state"] == "restarting":
-            stop.wait(backoff)
-    status.update(force=True, state="stopped")
-
-
-def _write_all(buffer: SharedActivationBuffer, rows, origin, provenance, stop: threading.Event, status: Status,
-               name: str, on_wait=None) -> int:
-    """Write every row, pausing while the buffer's filesystem (or memory) is full and resuming when
-    space returns; the pause and its reason are in the status. Returns rows written."""
-    done, paused = 0, False
-    while done < len(rows):
-        try:
-            done += buffer.write(rows[done:], None if origin is None else origin[done:], stop,
-                                 on_wait=on_wait or status.update, provenance=_tail(provenance, done))
-            if stop.is_set():
-                break
-        except BufferSpaceError as e:
-            done += e.done
-            if not paused:
-                log.error("generator %s: writing paused: %s", name, e)
-                paused = True
-            status.update(force=True, state="paused", last_error=str(e),
-                          paused_since=status.d.get("paused_since") or time.time())
-            if stop.wait(1.0):
-                break
-            continue
-    if paused:
-        log.info("generator %s: space is back; writing resumed", name)
-        status.update(force=True, state="running", paused_since=None)
-    return done
+                   on_poisoned: Callable[[int], None] = exit_process) -> None:
+    """Generate into the buffer until `stop` is set, restarting the source on failure (see `Generator`).
+    `index` is this generator's global number g of `count` = G."""
+    Generator(cfg, spec, device, index, count, stop, startup_attempts, max_backoff_s, on_poisoned).run()
 
 
 def _head(provenance: Optional[dict], n: int) -> Optional[dict]:
