@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from .loading import load_config, load_model, load_tokenizer, meta_model
 from .placement import bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
 from .sites import (Capture, OutlierFilter, blocks_needed, check_buffer, check_model, compile_blocks,
                     finite_rows, keep_mask, make_plan)
+from .source import BatchInfo, RowBatch
 from .text import TokenBlocks, check_corpus
 from ..wire import DTYPES as TORCH_DTYPES
 
@@ -54,18 +55,41 @@ class _HostEvent:
         pass
 
 
-class ModelSource:
-    """Endless (rows, origin, info) items from a model over a text corpus on one device.
+class Prepared(NamedTuple):
+    """Stage 1's output: one batch of token blocks on the host (pinned on CUDA), ready for the forward."""
 
-    rows: CPU tensor [k, *sample_shape] in buffer.dtype; valid until the next item is requested.
-    origin: int64 [k], the context each row comes from: (g << 40) | context counter, unique across generators.
-    info: {"contexts": contexts in this item, "tokens": tokens forwarded for it, "corpus_passes": passes so far,
-           "rows_overflowed": rows dropped because they overflowed a float16 buffer,
-           "position": the corpus position right after this item (actdata.text), "next_context": the context
-           counter after it, and with generator.provenance "provenance": {"token_ids": int32 [k] (the token at
-           the row's position), "positions": int32 [k] (0 = BOS), "doc_ids": int64 [k] (= origin)}}.
+    input_ids: torch.Tensor  # int64 [batch, context_length]
+    mask: Optional[torch.Tensor]  # the attention mask; None when every position attends (plain causal)
+    flat: torch.Tensor  # int64 [k]: the flat positions whose rows are kept
+    origin: np.ndarray  # int64 [k]: the context id of each kept position
+    info: BatchInfo
+
+
+class Forwarded(NamedTuple):
+    """Stage 2's output: the rows kept by the device filter, on the host."""
+
+    rows: torch.Tensor  # [k', n_points, n_layers, width]; in a staging buffer, valid once `event` completed
+    origin: np.ndarray  # as Prepared.origin, before `kept` is applied
+    info: BatchInfo  # Prepared.info plus rows_overflowed
+    event: Optional[Union[torch.cuda.Event, _HostEvent]]  # the copy to staging (None: no staging)
+    kept: Optional[np.ndarray]  # host bool mask over `origin`; None when every row was kept
+
+
+class Staged(NamedTuple):
+    """A forward's result with the staging buffer holding its rows (back to the pool once consumed)."""
+
+    result: Forwarded
+    staging: torch.Tensor
+
+
+class ModelSource:
+    """Endless `RowBatch`es (generation.source) from a model over a text corpus on one device.
+
+    rows are in buffer.dtype and valid until the next batch is requested; origin = (g << 40) | context
+    counter; info has contexts, tokens, corpus_passes, rows_overflowed, position (generation.text),
+    next_context and, with generator.provenance, provenance (doc_ids = origin).
     `index` is the generator's global number g of `count` = G: it reads only its share of the corpus
-    (actdata.text); `count=None` reads the whole corpus (index then only numbers the context ids). `start` = a
+    (generation.text); `count=None` reads the whole corpus (index then only numbers the context ids). `start` = a
     saved state {"position", "next_context"} to continue from.
     The model and tokenizer load in the constructor (only the blocks up to the last captured one); iterating
     starts the pipeline threads (CUDA, or `threaded=True`). `close()` frees the model.
@@ -130,8 +154,8 @@ class ModelSource:
         g = self.cfg.generator
         return keep_mask(input_ids, attention_mask, self.special_ids, g.drop_bos, g.drop_special)
 
-    # Stage 1 (thread): text -> (input ids, mask, kept flat positions, origin ids) on the host.
-    def _prepare(self) -> Iterator[tuple]:
+    # Stage 1 (thread): text -> token ids, mask, kept flat positions and origin ids on the host.
+    def _prepare(self) -> Iterator[Prepared]:
         pin = self.device.type == "cuda"
         for b in self.blocks():
             keep = self.keep(b.input_ids, b.attention_mask)
@@ -140,28 +164,28 @@ class ModelSource:
             ctx = (self.index << 40) | (self.contexts + np.arange(n, dtype=np.int64))
             self.contexts += n
             origin = ctx[(flat // T).numpy()]
-            info = {"contexts": n, "tokens": int(b.attention_mask.sum()), "corpus_passes": b.corpus_passes,
-                    "position": b.position, "next_context": self.contexts}
+            info: BatchInfo = {"contexts": n, "tokens": int(b.attention_mask.sum()), "corpus_passes": b.corpus_passes,
+                               "position": b.position, "next_context": self.contexts}
             if self.provenance:
                 info["provenance"] = {"token_ids": b.input_ids.view(-1)[flat].numpy().astype(np.int32),
                                       "positions": (flat % T).numpy().astype(np.int32), "doc_ids": origin}
             mask = None if bool(b.attention_mask.all()) else b.attention_mask  # None: plain causal attention
-            tensors = [b.input_ids, mask, flat]
+            ids = b.input_ids
             if pin:
-                tensors = [t.pin_memory() if t is not None else None for t in tensors]
-            yield (*tensors, origin, info)
+                ids, flat = ids.pin_memory(), flat.pin_memory()
+                mask = None if mask is None else mask.pin_memory()
+            yield Prepared(ids, mask, flat, origin, info)
 
     # Stage 2 (thread): forward -> filter on the device -> kept rows to the host.
-    def _forward(self, item, staging: Optional[torch.Tensor]):
-        """Returns (rows, origin, info, event, kept): rows on the host (in `staging` when given, valid
-        once `event` has completed), `kept` a host bool mask over `origin` (None: every row kept)."""
-        ids, mask, flat, origin, info = item
+    def _forward(self, item: Prepared, staging: Optional[torch.Tensor]) -> Forwarded:
+        """The kept rows of `item` on the host: in `staging` when given (valid once the result's event
+        has completed), else as a new CPU tensor."""
         dev = self.device
-        rows = self.capture(ids.to(dev, non_blocking=True),
-                            None if mask is None else mask.to(dev, non_blocking=True),
-                            flat.to(dev, non_blocking=True))
+        rows = self.capture(item.input_ids.to(dev, non_blocking=True),
+                            None if item.mask is None else item.mask.to(dev, non_blocking=True),
+                            item.flat.to(dev, non_blocking=True))
         rows, kept, overflowed = self._filter(rows)
-        info = {**info, "rows_overflowed": overflowed}
+        info = {**item.info, "rows_overflowed": overflowed}
         event = None
         if staging is not None:
             host = staging[:len(rows)]
@@ -178,7 +202,7 @@ class ModelSource:
             rows = host
         elif rows.device.type != "cpu":
             rows = rows.cpu()
-        return rows, origin, info, event, kept
+        return Forwarded(rows, item.origin, info, event, kept)
 
     def _filter(self, rows: torch.Tensor):
         """Drop, on the rows' device, float16 overflow rows and outlier rows; only the kept rows remain.
@@ -199,26 +223,27 @@ class ModelSource:
             return rows, None, overflowed
         return rows[ok], kept, overflowed
 
-    def _finish(self, rows: torch.Tensor, origin: np.ndarray, info: dict, kept: Optional[np.ndarray] = None):
-        if kept is not None:  # rows were filtered on the device; filter what belongs to them the same way
-            origin = origin[kept]
+    # Stage 3 (the consumer's thread): rows in the row shape, with what belongs to them.
+    def _finish(self, out: Forwarded) -> RowBatch:
+        origin, info = out.origin, out.info
+        if out.kept is not None:  # rows were filtered on the device; filter what belongs to them the same way
+            origin = origin[out.kept]
             if "provenance" in info:
-                info = {**info, "provenance": {k: v[kept] for k, v in info["provenance"].items()}}
-        return rows.reshape(len(rows), *self.plan.shape), origin, info
+                info = {**info, "provenance": {k: v[out.kept] for k, v in info["provenance"].items()}}
+        return RowBatch(out.rows.reshape(len(out.rows), *self.plan.shape), origin, info)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[RowBatch]:
         if not self.threaded:
             return self._iter_inline()
         return self._iter_threaded()
 
-    def _iter_inline(self):
+    def _iter_inline(self) -> Iterator[RowBatch]:
         """Not CUDA: prepare -> forward -> finish in the consumer's own thread. A CPU forward keeps every
-        core busy with its intra-op threads; tokenising and writing a batch take milliseconds against a
-        forward of ~0.5 s, so overlapping them gains nothing, while extra busy Python threads preempt the
-        forward's OpenMP workers (which spin at their barriers) and slow every forward down."""
+        core busy with its intra-op threads and the other steps are short beside it, so overlapping them
+        gains nothing, while extra busy Python threads preempt the forward's OpenMP workers (which spin at
+        their barriers) and slow every forward down."""
         for item in self._prepare():
-            rows, origin, info, _, kept = self._forward(item, None)
-            yield self._finish(rows, origin, info, kept)
+            yield self._finish(self._forward(item, None))
 
     def _staging(self) -> torch.Tensor:
         """One staging buffer: the most rows a batch can keep (every position but each context's BOS),
@@ -226,123 +251,18 @@ class ModelSource:
         return torch.empty((self.max_rows, *self.plan.full), dtype=self.dtype,
                            pin_memory=self.device.type == "cuda")
 
-    def _iter_threaded(self):
-        stop = threading.Event()
-        prepared: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
-        done: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
-        cuda = self.device.type == "cuda"
-        pool: queue.Queue = queue.Queue()
-        for _ in range(self.STAGING):
-            pool.put(self._staging())
-
-        def put(q, item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=self.POLL_S)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def get(q):
-            while not stop.is_set():
-                try:
-                    return q.get(timeout=self.POLL_S)
-                except queue.Empty:
-                    pass
-            return _STOPPED
-
-        def run_prepare():
-            try:
-                bind(self.device)  # pinned allocations use this thread's current device
-                for item in self._prepare():
-                    if not put(prepared, item):
-                        return
-                put(prepared, None)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                put(prepared, e)
-
-        def run_forward():
-            held = []  # (result, staging) this thread owns: the item whose copy is in flight, the new one
-            try:
-                bind(self.device)
-                if cuda:
-                    self._copy_stream = torch.cuda.Stream(self.device)
-                while True:
-                    item = get(prepared)
-                    if item is _STOPPED:
-                        return
-                    if item is None or isinstance(item, BaseException):
-                        while held:
-                            held[0][0][3].synchronize()
-                            if not put(done, held[0]):
-                                return
-                            held.pop(0)
-                        put(done, item)
-                        return
-                    staging = get(pool)
-                    if staging is _STOPPED:
-                        return
-                    try:
-                        result = self._forward(item, staging)
-                    except BaseException:
-                        pool.put(staging)
-                        raise
-                    held.append((result, staging))
-                    if len(held) == 2:  # the previous copy ran beside this forward: hand it over
-                        held[0][0][3].synchronize()
-                        if not put(done, held[0]):
-                            return
-                        held.pop(0)
-            except BaseException as e:  # noqa: BLE001
-                put(done, e)
-            finally:
-                for (_, _, _, event, _), staging in held:  # stopped: wait for copies in flight, give buffers back
-                    event.synchronize()
-                    pool.put(staging)
-
-        threads = [threading.Thread(target=run_prepare, name="actdata-tokenize", daemon=True),
-                   threading.Thread(target=run_forward, name="actdata-forward", daemon=True)]
-        self.pipeline = {"threads": threads, "pool": pool, "staging": self.STAGING}
-        for t in threads:
-            t.start()
+    def _iter_threaded(self) -> Iterator[RowBatch]:
+        pipe = _Pipeline(self)
+        self.pipeline = {"threads": pipe.threads, "pool": pipe.pool, "staging": self.STAGING}
+        pipe.start()
         try:
-            while True:
+            for staged in pipe.results():
                 try:
-                    item = done.get(timeout=self.POLL_S)
-                except queue.Empty:  # only this consumer stops the pipeline: wait while the forward lives
-                    if not threads[1].is_alive() and done.empty():
-                        raise RuntimeError("the forward thread ended without handing over a result")
-                    continue
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                (rows, origin, info, _, kept), staging = item
-                try:
-                    yield self._finish(rows, origin, info, kept)
+                    yield self._finish(staged.result)
                 finally:
-                    pool.put(staging)  # the consumer is done with these rows (or gone)
+                    pipe.pool.put(staged.staging)  # the consumer is done with these rows (or gone)
         finally:
-            stop.set()
-
-            def drain():  # items finished but never consumed: their staging buffers go back too
-                while True:
-                    try:
-                        left = done.get_nowait()
-                    except queue.Empty:
-                        return
-                    if isinstance(left, tuple):
-                        pool.put(left[1])
-
-            drain()
-            deadline = time.monotonic() + self.JOIN_S
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
-            drain()
-            alive = [t.name for t in threads if t.is_alive()]
-            if alive:
-                log.error("pipeline threads %s did not stop within %.1f s", alive, self.JOIN_S)
+            pipe.close()
 
     def close(self) -> None:
         """Free the model and everything that refers to it (hooks, compiled blocks, staging buffers)."""
@@ -351,3 +271,130 @@ class ModelSource:
         self.capture = self.model = self.outliers = None
         self.pipeline = {}
         self.__dict__.pop("_copy_stream", None)
+
+
+class _Pipeline:
+    """One run of the threaded pipeline (see the module docstring): the tokenize and forward threads,
+    the queues between them and the consumer, and the pool of staging buffers."""
+
+    def __init__(self, src: ModelSource):
+        self.src = src
+        self.stop = threading.Event()
+        self.prepared: queue.Queue = queue.Queue(src.QUEUE_DEPTH)  # Prepared, then None or an exception
+        self.done: queue.Queue = queue.Queue(src.QUEUE_DEPTH)  # Staged, then None or an exception
+        self.pool: queue.Queue = queue.Queue()
+        for _ in range(src.STAGING):
+            self.pool.put(src._staging())
+        self.threads = [threading.Thread(target=self._run_tokenize, name="actdata-tokenize", daemon=True),
+                        threading.Thread(target=self._run_forward, name="actdata-forward", daemon=True)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        """Put `item` in `q`, waiting while it is full; False when the pipeline stopped first."""
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=self.src.POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _get(self, q: queue.Queue):
+        """The next item of `q`, waiting while it is empty; _STOPPED when the pipeline stopped first."""
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=self.src.POLL_S)
+            except queue.Empty:
+                pass
+        return _STOPPED
+
+    def _run_tokenize(self) -> None:
+        try:
+            bind(self.src.device)  # pinned allocations use this thread's current device
+            for item in self.src._prepare():
+                if not self._put(self.prepared, item):
+                    return
+            self._put(self.prepared, None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(self.prepared, e)
+
+    def _run_forward(self) -> None:
+        src, held = self.src, []  # what this thread owns: the result whose copy is in flight, the new one
+        try:
+            bind(src.device)
+            if src.device.type == "cuda":
+                src._copy_stream = torch.cuda.Stream(src.device)
+            while True:
+                item = self._get(self.prepared)
+                if item is _STOPPED:
+                    return
+                if item is None or isinstance(item, BaseException):  # the end, or stage 1 failed: pass it on last
+                    while held:
+                        if not self._hand_over(held):
+                            return
+                    self._put(self.done, item)
+                    return
+                staging = self._get(self.pool)
+                if staging is _STOPPED:
+                    return
+                try:
+                    held.append(Staged(src._forward(item, staging), staging))
+                except BaseException:
+                    self.pool.put(staging)
+                    raise
+                if len(held) == 2 and not self._hand_over(held):  # the previous copy ran beside this forward
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(self.done, e)
+        finally:
+            for staged in held:  # stopped: wait for copies in flight, give their buffers back
+                staged.result.event.synchronize()
+                self.pool.put(staged.staging)
+
+    def _hand_over(self, held: list[Staged]) -> bool:
+        """Wait for the oldest held result's copy and pass it to the consumer; False when stopped first."""
+        held[0].result.event.synchronize()
+        if not self._put(self.done, held[0]):
+            return False
+        held.pop(0)
+        return True
+
+    def results(self) -> Iterator[Staged]:
+        """The forward thread's results, in order, until the end; its exception (or stage 1's) is raised."""
+        while True:
+            try:
+                item = self.done.get(timeout=self.src.POLL_S)
+            except queue.Empty:  # only the consumer stops the pipeline: wait while the forward lives
+                if not self.threads[1].is_alive() and self.done.empty():
+                    raise RuntimeError("the forward thread ended without handing over a result")
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop both threads and join them (at most JOIN_S seconds in all); every staging buffer goes back."""
+        self.stop.set()
+        self._drain()
+        deadline = time.monotonic() + self.src.JOIN_S
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._drain()
+        alive = [t.name for t in self.threads if t.is_alive()]
+        if alive:
+            log.error("pipeline threads %s did not stop within %.1f s", alive, self.src.JOIN_S)
+
+    def _drain(self) -> None:
+        """Results finished but never consumed: their staging buffers go back to the pool."""
+        while True:
+            try:
+                left = self.done.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(left, Staged):
+                self.pool.put(left.staging)
