@@ -30,6 +30,7 @@ import torch
 
 from actdata.generation import loop as gen
 from actdata.shm import SharedActivationBuffer
+from actdata.shm.pages import populate
 from actdata.config import Config, ConfigError, validate
 from actdata.generation.loading import load_model
 from actdata.generation.model_source import ModelSource
@@ -374,12 +375,13 @@ def test_populate_maps_every_row_page_ahead_of_the_writer():
     buf = SharedActivationBuffer.create(16384, (1024,), "float32")  # 64 MB in /dev/shm
     try:
         before = _rss_shmem()
-        done = buf.populate()
+        done = populate(buf)
         assert done >= 64 << 20
         assert _rss_shmem() - before >= 60 << 20  # resident and mapped in this process, before any write
         buf.write(torch.ones(8, 1024))
         assert buf.stats()["ready"] == 8
-        ts = buf.populate_in_background(threads=2)
+        buf.populate_in_background(threads=2)
+        ts = buf._populating.threads
         buf.close()  # stops and joins the populating threads before unmapping
         assert not any(t.is_alive() for t in ts)
     finally:
