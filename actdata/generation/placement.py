@@ -5,8 +5,8 @@ Binding. `bind(device)` makes a CUDA device the calling thread's current device 
 touches CUDA, so nothing (a pinned allocation, a stream, a `.cuda()` without an index) opens a context
 on GPU 0 by accident. The current device is per thread: every thread of the pipeline calls it.
 
-Dtype. `model.dtype: auto` is bfloat16 on CUDA; on the CPU, bfloat16 where the CPU has
-native bf16 matmuls and float32 elsewhere (`cpu_auto_dtype`, measured: see the README's performance table). An explicit float32 on CUDA runs its matmuls in TF32
+Dtype. `model.dtype: auto` is bfloat16 on CUDA; on the CPU, bfloat16 where the CPU has native bf16
+matmuls and float32 elsewhere (`cpu_auto_dtype`). An explicit float32 on CUDA runs its matmuls in TF32
 (`torch.set_float32_matmul_precision("high")`); `describe_dtype` says which in the start-up log.
 
 Memory. `estimate` adds up what one generator keeps: the weights of the blocks it keeps (blocks after
@@ -37,8 +37,8 @@ CUDA_AUTO_DTYPE = "bfloat16"
 
 
 def cpu_auto_dtype() -> str:
-    """bfloat16 on a CPU with native bf16 matmuls (AMX / AVX512-BF16: a bf16 forward measured 2.7x
-    fp32 on such a CPU, see the README), float32 elsewhere (bf16 is emulated there, and slower)."""
+    """bfloat16 on a CPU with native bf16 matmuls (AMX / AVX512-BF16), where it is the faster dtype;
+    float32 elsewhere, where bf16 is emulated and slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()

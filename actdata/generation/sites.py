@@ -273,11 +273,10 @@ class Capture:
             raise _Stop
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], index: torch.Tensor,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 index: torch.Tensor) -> torch.Tensor:
         """Rows [len(index), n_points, n_layers, width] at flat positions `index` of the batch."""
-        if out is None:
-            out = torch.empty((len(index), *self.plan.full), dtype=self.dtype, device=input_ids.device)
+        out = torch.empty((len(index), *self.plan.full), dtype=self.dtype, device=input_ids.device)
         self.rows, self.index, self._done = out, index, set()
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -9,8 +9,8 @@ nothing is kept and every start reads its share from the beginning):
     gen-<g>-of-<G>.stats.safetensors    RunningStats.tensors() of every row the generator wrote
 
 `position` is the source's position right after the last batch handed to the buffer: the model source's
-place in its text stream (actdata.text: pass, documents, offset), the replay source's place in its store
-(actdata.replay: pass, shard index in the pass's order, row); `next_context` is the context counter (the
+place in its text stream (generation.text: pass, documents, offset), the replay source's place in its store
+(storage.replay: pass, shard index in the pass's order, row); `next_context` is the context counter (the
 low 40 bits of the context ids); `next_id` is the synthetic source's next row id. The JSON file is written
 (temp file + rename, so a reader sees the old or the new file, never half of one) BEFORE the batch is
 committed to the buffer, so a generator killed at any moment restarts after every row that reached the

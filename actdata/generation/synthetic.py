@@ -15,6 +15,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .source import BatchInfo, RowBatch
+
 ID_DIGITS = 6  # base-256 digits: ids < 2**48
 CONTEXT_ROWS = 64  # rows that share an origin (a pretend context), for the batch-mixing statistic
 
@@ -61,18 +63,18 @@ def verify_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SyntheticSource:
-    """An endless stream of self-checking rows: batches of `batch_rows`, optionally throttled.
+    """An endless stream of self-checking `RowBatch`es of `batch_rows` rows, optionally throttled.
 
     Generator g starts at id g << 40 (or at a saved `first_id`), so ids never repeat across generators or
-    restarts. info: {"contexts", "tokens": 0, "next_id": the id after this batch, and with `provenance`
-    "provenance": {"doc_ids": the row id, "positions": id % CONTEXT_ROWS, "token_ids": 0}}."""
+    restarts. info has contexts, tokens (0), next_id and, with `provenance`, provenance (doc_ids = the
+    row id, positions = id % CONTEXT_ROWS, token_ids = 0)."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, first_id: int = 0, batch_rows: int = 256,
                  rows_per_second: Optional[float] = None, provenance: bool = False):
         self.shape, self.dtype, self.next_id = tuple(shape), dtype, int(first_id)
         self.batch_rows, self.rows_per_second, self.provenance = batch_rows, rows_per_second, provenance
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+    def __iter__(self) -> Iterator[RowBatch]:
         t0, produced = time.perf_counter(), 0
         while True:
             ids = torch.arange(self.next_id, self.next_id + self.batch_rows, dtype=torch.int64)
@@ -84,9 +86,9 @@ class SyntheticSource:
                 ahead = produced / self.rows_per_second - (time.perf_counter() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
-            info = {"contexts": self.batch_rows // CONTEXT_ROWS, "tokens": 0, "next_id": self.next_id}
+            info: BatchInfo = {"contexts": self.batch_rows // CONTEXT_ROWS, "tokens": 0, "next_id": self.next_id}
             if self.provenance:
                 n = ids.numpy()
                 info["provenance"] = {"doc_ids": n, "positions": (n % CONTEXT_ROWS).astype(np.int32),
                                       "token_ids": np.zeros(len(n), np.int32)}
-            yield rows, origin, info
+            yield RowBatch(rows, origin, info)

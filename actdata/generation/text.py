@@ -158,18 +158,10 @@ def pack(token_lists: Iterable[list[int]], context_length: int, bos_id: int,
     """Blocks of exactly `context_length` tokens: BOS + the next context_length-1 stream tokens.
     The stream is the documents' tokens, each document followed by `sep_id` (if not None).
     A trailing partial block is yielded short (the caller pads it)."""
-    body, pending = context_length - 1, []
-    for tokens in token_lists:
-        pending.extend(tokens)
-        if sep_id is not None:
-            pending.append(sep_id)
-        start = 0
-        while len(pending) - start >= body:
-            yield [bos_id] + pending[start:start + body]
-            start += body
-        del pending[:start]
-    if pending:
-        yield [bos_id] + pending
+    sep = [] if sep_id is None else [sep_id]
+    streams = ((0, i, list(tokens) + sep, 0) for i, tokens in enumerate(token_lists))
+    for block, _ in pack_tracked(streams, context_length, bos_id):
+        yield block
 
 
 def pack_tracked(items: Iterable[tuple[int, int, list[int], int]], context_length: int,
