@@ -19,10 +19,12 @@ as `Authorization: Bearer <key>`.
 from __future__ import annotations
 
 import math
+import sys
 import time
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import requests
+import torch
 
 from .. import wire
 from ..auth import API_KEY_ENV, bearer, resolve_api_key
@@ -31,8 +33,31 @@ from .failures import (RETRY_STATUSES, ActivationServerError, RetryPolicy, Serve
 from .tensor_reader import ProvenanceBatch, TensorReader
 from .urls import DEFAULT_URL, URL_ENV, resolve_url
 
-__all__ = ["ActivationClient", "ActivationServerError", "ServerUnavailable", "ProvenanceBatch", "TensorReader",
-           "RetryPolicy", "scaling_factor", "resolve_url", "main"]
+__all__ = ["ActivationClient", "ActivationServerError", "ServerUnavailable", "ServerLimits", "ProvenanceBatch",
+           "TensorReader", "RetryPolicy", "scaling_factor", "resolve_url", "main"]
+
+
+class ServerLimits(NamedTuple):
+    """What a server serves and the most it can serve, from its `GET /stats`."""
+
+    sample_shape: tuple[int, ...]
+    dtype: torch.dtype
+    capacity: int  # rows the buffer holds: more can never be ready at once
+    min_fill: float  # fraction of capacity ready before rows are served
+    max_rows: int  # rows one request may ask for (server.max_samples_per_request)
+    same_host: Optional[dict]  # the buffer a reader on the server's host may open (actdata.reading.samehost)
+
+    @classmethod
+    def from_stats(cls, st: Mapping) -> "ServerLimits":
+        server = st.get("server", {})
+        return cls(tuple(int(x) for x in st["sample_shape"]), wire.DTYPES[st["dtype"]], int(st["capacity"]),
+                   float(st.get("min_fill", 0.0)), max(1, int(server.get("max_samples_per_request")
+                                                                or st["capacity"])), server.get("same_host"))
+
+    def batch(self, most: int) -> int:
+        """A batch size that fits: at most `most`, one request's maximum and half the buffer (so a batch
+        never waits for a completely full buffer)."""
+        return max(1, min(most, self.max_rows, self.capacity // 2))
 
 
 def scaling_factor(statistics: Mapping) -> list:
@@ -47,13 +72,14 @@ class ActivationClient:
     """The control API of one server.
 
         client = ActivationClient("http://127.0.0.1:8000")  # or ActivationClient(): $ACTDATA_URL / localhost:8000
-        client.wait_for_data(min_samples=4096, timeout=60)
+        client.wait_for_data(min_samples=512, timeout=60)
         x, meta = client.get_activations_tensor(4096)     # x: [4096, *sample_shape]
 
     `timeout` bounds every socket operation; `retry_for_s` bounds the time spent retrying connection
     errors and 502/503/504 (honouring Retry-After) before `ServerUnavailable`; 4xx raise
     `ActivationServerError` at once. `health_check()` and `wait_for_data()` never raise for an
-    unreachable server: they answer False.
+    unreachable server: they answer False. A tensor batch above the server's per-request maximum is read
+    in several requests into one tensor.
     """
 
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 30.0,
@@ -65,6 +91,7 @@ class ActivationClient:
         self.session = requests.Session()
         self.session.headers.update({"Accept-Encoding": "identity", **bearer(key)})
         self._reader = TensorReader(self.url, key, timeout=timeout, retry=self.retry)
+        self._limits: Optional[ServerLimits] = None  # asked once, on the first tensor batch
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -106,13 +133,24 @@ class ActivationClient:
         dtype, generators, rates, and `server` (its per-request maximum, the same-host identity)."""
         return self._request("GET", "/stats").json()
 
+    def limits(self) -> ServerLimits:
+        """The server's row format and limits (`GET /stats`)."""
+        self._limits = ServerLimits.from_stats(self.get_stats())
+        return self._limits
+
     def wait_for_data(self, min_samples: int = 1, timeout: float = 60.0, check_interval: float = 0.5) -> bool:
         """Poll `GET /` until the server serves and has at least `min_samples` ready rows: True, or False
-        after `timeout` seconds (unreachable counts as not ready). A 4xx raises."""
+        after `timeout` seconds (unreachable counts as not ready). A 4xx raises, and so does a
+        `min_samples` above the server's capacity, at once: that many rows are never ready together."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 h = self.health()
+                capacity = h.get("capacity")
+                if capacity is not None and min_samples > capacity:
+                    raise ActivationServerError(
+                        f"{self.url}: {min_samples} ready rows will never be: the server's buffer holds "
+                        f"{capacity} rows (wait for at most {capacity})", url=self.url)
                 if h.get("serving") and h.get("ready", 0) >= min_samples:
                     return True
             except ServerUnavailable:
@@ -129,13 +167,22 @@ class ActivationClient:
 
     def get_activations_tensor(self, num_samples: int, provenance: bool = False):
         """(tensor [num_samples, *sample_shape], metadata) from `GET /activations/tensor`, read straight
-        into the tensor. metadata: shape, dtype (wire name), num_samples, nbytes, seconds, url.
-        With `provenance=True`: a ProvenanceBatch (activations, token_ids, positions, doc_ids) instead,
-        from one safetensors body; the server must run with generator.provenance=true (else HTTP 422)."""
+        into the tensor, in requests of at most the server's maximum. metadata: shape, dtype (wire name),
+        num_samples, nbytes, seconds, url. With `provenance=True`: a ProvenanceBatch (activations,
+        token_ids, positions, doc_ids) instead, from safetensors bodies; the server must run with
+        generator.provenance=true (else HTTP 422)."""
+        num_samples = int(num_samples)
+        most = (self._limits or self.limits()).max_rows
         if provenance:
-            return self._reader.fetch_provenance(num_samples)
+            parts = [self._reader.fetch_provenance(min(most, num_samples - a)) for a in range(0, num_samples, most)]
+            return parts[0] if len(parts) == 1 else ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
         t0 = time.perf_counter()
-        t, headers = self._reader.fetch(num_samples)
+        if num_samples <= most:
+            t, _ = self._reader.fetch(num_samples)
+        else:
+            t = torch.empty((num_samples, *self._limits.sample_shape), dtype=self._limits.dtype)
+            for a in range(0, num_samples, most):
+                self._reader.fetch(len(t[a:a + most]), out=t[a:a + most])
         return t, {"shape": list(t.shape), "dtype": wire.DTYPE_NAMES[t.dtype], "num_samples": t.shape[0],
                    "nbytes": t.numel() * t.element_size(), "seconds": time.perf_counter() - t0, "url": self.url}
 
@@ -175,35 +222,51 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m actdata.client", description=main.__doc__)
     p.add_argument("url", nargs="?", default=None,
                    help=f"server URL (default: ${URL_ENV}, else {DEFAULT_URL})")
-    p.add_argument("--num-samples", type=int, default=1024)
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="rows per batch (default: 1024, or less where the server allows less)")
     p.add_argument("--reps", type=int, default=5, help="tensor batches to time")
     p.add_argument("--api-key", default=None, help=f"default: ${API_KEY_ENV}")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the buffer to fill")
     a = p.parse_args(argv)
+    if a.num_samples is not None and a.num_samples < 1:
+        p.error(f"--num-samples must be >= 1, got {a.num_samples}")
+    if a.reps < 1:
+        p.error(f"--reps must be >= 1, got {a.reps}")
 
     with ActivationClient(a.url, api_key=a.api_key) as c:
-        if not c.health_check():
-            print(f"{c.url}: not reachable")
+        try:
+            return _demo(c, a.num_samples, a.reps, a.wait)
+        except ActivationServerError as e:
+            print(e, file=sys.stderr)
             return 1
+
+
+def _demo(c: ActivationClient, num_samples: Optional[int], reps: int, wait: float) -> int:
+    try:
         h = c.health()
-        print(f"{c.url}: status={h['status']} fill={h['fill']:.2f} ready={h['ready']}/{h['capacity']} "
-              f"sample_shape={h['sample_shape']} dtype={h['dtype']}")
-        st = c.get_stats()
-        print(f"stats: valid_samples={st['valid_samples']} rows_written={st['rows_written']} "
-              f"rows_read={st['rows_read']} "
-              f"generators={[g.get('state') for g in st.get('generators', [])]}")
-        if not c.wait_for_data(a.num_samples, timeout=a.wait):
-            print(f"no {a.num_samples} ready rows within {a.wait:g} s")
-            return 1
-        times = []
-        for _ in range(a.reps):
-            x, meta = c.get_activations_tensor(a.num_samples)
-            times.append(meta["seconds"])
-        best = min(times)
-        print(f"batch: shape={tuple(x.shape)} dtype={x.dtype} {meta['nbytes'] / 1e6:.1f} MB; "
-              f"best of {a.reps}: {best * 1e3:.1f} ms = {meta['nbytes'] / best / 1e9:.2f} GB/s, "
-              f"{x.shape[0] / best:,.0f} samples/s")
-        print(f"first row, first values: {x.reshape(len(x), -1)[0, :8].tolist()}")
+    except ServerUnavailable as e:
+        print(f"{c.url}: no actdata server answers ({e.detail}); start one with `python -m actdata.serve` "
+              f"or give its URL (argument or ${URL_ENV})", file=sys.stderr)
+        return 1
+    print(f"{c.url}: status={h['status']} fill={h['fill']:.2f} ready={h['ready']}/{h['capacity']} "
+          f"sample_shape={h['sample_shape']} dtype={h['dtype']}")
+    st = c.get_stats()
+    print(f"stats: valid_samples={st['valid_samples']} rows_written={st['rows_written']} "
+          f"rows_read={st['rows_read']} "
+          f"generators={[g.get('state') for g in st.get('generators', [])]}")
+    n = num_samples or ServerLimits.from_stats(st).batch(1024)
+    if not c.wait_for_data(n, timeout=wait):
+        print(f"{c.url}: no {n} ready rows within {wait:g} s (ready={c.health().get('ready')})", file=sys.stderr)
+        return 1
+    times = []
+    for _ in range(reps):
+        x, meta = c.get_activations_tensor(n)
+        times.append(meta["seconds"])
+    best = min(times)
+    print(f"batch: shape={tuple(x.shape)} dtype={x.dtype} {meta['nbytes'] / 1e6:.1f} MB; "
+          f"best of {reps}: {best * 1e3:.1f} ms = {meta['nbytes'] / best / 1e9:.2f} GB/s, "
+          f"{x.shape[0] / best:,.0f} samples/s")
+    print(f"first row, first values: {x.reshape(len(x), -1)[0, :8].tolist()}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """`ActivationDataModule`: a LightningDataModule over actdata server(s). The only module of the trainer's
-side that imports Lightning (`actdata.dataset.ActivationDataModule` loads it on first use)."""
+side that imports Lightning (`actdata.ActivationDataModule` loads it on first use)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union

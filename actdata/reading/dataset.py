@@ -25,14 +25,14 @@ URLs, shard i reads `urls[i % len(urls)]`; with fewer, shard i reads `urls[i::sh
 URL is read. `max_batches` / `max_samples` are totals over all shards, split as evenly as possible, so the
 rows yielded by all workers of all ranks add up to the number asked for.
 
-The fast paths: on the server's own host (its buffer file opens, see actdata.local) rows are claimed from
+The fast paths: on the server's own host (its buffer file opens, see actdata.reading.samehost) rows are claimed from
 the shared buffer and gathered straight into the batch; `local=False` forces HTTP, and anything unusual
 falls back to HTTP with one log line. Over HTTP a keep-alive `http.client` connection
-(`actdata.client.TensorReader`) reads each response body with `readinto` straight into the batch. Without
+(`actdata.reading.tensor_reader.TensorReader`) reads each response body with `readinto` straight into the batch. Without
 DataLoader workers (or with one) the next batches are read ahead by threads while the trainer works on the
 current one: two over HTTP, on two connections, so that both of the server's HTTP processes work; one on
 the same-host path. Inside a DataLoader worker the batch is read into shared memory that the main process
-maps once and the worker reuses once the main process has dropped the batch (actdata.batches), so handing
+maps once and the worker reuses once the main process has dropped the batch (actdata.reading.batchslots), so handing
 it over costs neither a copy nor fresh memory. Connections and attached buffers are made inside the worker
 on first use; the dataset object holds only strings and numbers and pickles cleanly. Batches read ahead
 when the loop stops are dropped (their rows count as served), as a DataLoader's prefetched batches are.
@@ -42,7 +42,7 @@ the rows and batches a shard has delivered, so a resumed run's `max_samples` / `
 continues where it stopped.
 
 A single URL may be a cluster's directory (`python -m actdata.cluster`): each shard then reads its share
-of the servers the directory lists and moves to another when one dies (see actdata.discovery).
+of the servers the directory lists and moves to another when one dies (see actdata.reading.directory).
 
 Failures: connection errors, timeouts and 503 (waiting Retry-After) are retried with backoff for up to
 `retry_for_s` seconds — long enough to ride out a server restart — then `ServerUnavailable` names the URL.
@@ -66,11 +66,8 @@ except ImportError:  # pragma: no cover - a torch that moved it
 from .. import wire
 from ..auth import resolve_api_key
 from .sharding import distributed_rank_world, share
-from .stream import Stream
+from .stream import Shard, Stream
 from .urls import resolve_urls
-
-DEFAULT_RCVBUF = None  # kernel autotuning: a 16 MiB SO_RCVBUF measured no better on loopback
-
 
 class PendingRow:
     """A row of a DataLoader batch not read yet: the collate reads all rows of the batch in one request
@@ -113,7 +110,7 @@ class RemoteActivationDataset(IterableDataset):
     socket operation), retry_for_s (seconds of retrying before an error), rcvbuf (SO_RCVBUF bytes; None =
     kernel autotuning), rank / world_size (None = from torch.distributed or $RANK / $WORLD_SIZE), local
     (False = HTTP even on the server's host), provenance (True = each batch is a `ProvenanceBatch`
-    (activations, token_ids, positions, doc_ids), read over HTTP; the server needs
+    (activations, token_ids, positions, doc_ids), read from the same-host buffer or over HTTP; the server needs
     generator.provenance=true). The last batch of a shard is smaller when `max_samples` does not divide
     evenly.
     """
@@ -121,7 +118,7 @@ class RemoteActivationDataset(IterableDataset):
     def __init__(self, url_or_urls: Union[None, str, Sequence[str]] = None, batch_size: Optional[int] = None,
                  max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, api_key: Optional[str] = None, timeout: float = 60.0,
-                 retry_for_s: float = 120.0, rcvbuf: Optional[int] = DEFAULT_RCVBUF,
+                 retry_for_s: float = 120.0, rcvbuf: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, local: bool = True,
                  provenance: bool = False):
         super().__init__()
@@ -159,13 +156,13 @@ class RemoteActivationDataset(IterableDataset):
             return self._dist_at_pickle
         return distributed_rank_world()
 
-    def shard(self) -> tuple[int, int, list[str]]:
-        """(shard index, shard count, this shard's URLs) for the calling worker / rank."""
+    def shard(self) -> Shard:
+        """The calling worker's / rank's place among the trainer's readers, and its URLs."""
         rank, world = self._rank_world()
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         shards, index = world * workers, rank * workers + worker
-        return index, shards, share(self.urls, index, shards)
+        return Shard(index, shards, share(self.urls, index, shards))
 
     # -- resuming (torchdata's StatefulDataLoader) -----------------------------------------------------
     def state_dict(self) -> dict:
@@ -202,7 +199,7 @@ class RemoteActivationDataset(IterableDataset):
     def _placeholders(stream: Stream) -> Iterator[PendingRow]:
         # The budget moves only when the collate reads a batch, which also ends the stream once it is spent
         # (collate_pending), so the placeholders need no check of their own: a C iterator hands out the
-        # fetcher's B placeholders per batch ~5x faster than a Python loop (B = 4096: ~0.6 ms per batch).
+        # fetcher's B placeholders per batch faster than a Python loop would.
         try:
             if not stream.exhausted():
                 yield from itertools.repeat(PendingRow(stream))
@@ -213,14 +210,6 @@ class RemoteActivationDataset(IterableDataset):
     def _rows(cls, stream: Stream) -> Iterator[torch.Tensor]:
         for x in cls._batches(stream):
             yield from x
-
-
-def __getattr__(name):  # Lightning is imported only for the DataModule
-    if name == "ActivationDataModule":
-        from .datamodule import ActivationDataModule
-
-        return ActivationDataModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_loader(ds: RemoteActivationDataset, num_workers: int = 2, pin_memory: bool = True,

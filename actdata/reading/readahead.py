@@ -10,7 +10,14 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
+from typing import Callable, NamedTuple
+
+
+class Pending(NamedTuple):
+    """A batch being read ahead: its rows and its read."""
+
+    rows: int
+    read: Future
 
 
 class ReadAhead:
@@ -25,7 +32,7 @@ class ReadAhead:
     def __init__(self, lanes: list[Callable[[], list]], read: Callable):
         self.lanes = [Lane(make) for make in lanes]
         self.read = read
-        self.pending: dict[int, tuple[int, Future]] = {}  # batch index -> (rows, its read)
+        self.pending: dict[int, Pending] = {}  # by batch index
 
     def _submit(self, i: int, n: int) -> Future:
         return self.lanes[i % len(self.lanes)].submit(lambda sources: self.read(sources, i, n))
@@ -33,23 +40,23 @@ class ReadAhead:
     def plan(self, batches: list[tuple[int, int]]) -> None:
         for i, n in batches:
             if i not in self.pending:
-                self.pending[i] = (n, self._submit(i, n))
+                self.pending[i] = Pending(n, self._submit(i, n))
 
     def take(self, i: int, n: int):
         """Batch i of n rows: the read ahead (its exception, if it failed), else read now."""
         got = self.pending.pop(i, None)
-        if got is None or got[0] != n:
+        if got is None or got.rows != n:
             if got is not None:
-                got[1].exception()  # another size was asked: wait for the read, drop its batch
-            got = (n, self._submit(i, n))
-        return got[1].result()
+                got.read.exception()  # another size was asked: wait for the read, drop its batch
+            got = Pending(n, self._submit(i, n))
+        return got.read.result()
 
     def idle(self, wait_s: float) -> bool:
         """Whether no read is running, after waiting up to wait_s seconds for them to end."""
         deadline = time.monotonic() + wait_s
-        for i, (_, fut) in list(self.pending.items()):
+        for i, got in list(self.pending.items()):
             try:
-                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
+                got.read.exception(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 return False
             del self.pending[i]

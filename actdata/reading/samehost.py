@@ -23,6 +23,7 @@ buffer's `rows_read` but not in the HTTP metrics.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -45,9 +46,7 @@ def open_same_host(published: Optional[dict]) -> tuple[Optional["SameHostReader"
     if published.get("host") != host_identity():
         return None, "the server is on another host (or PID namespace)"
     try:
-        spec = BufferSpec(str(published["path"]), int(published["capacity"]),
-                          tuple(int(x) for x in published["sample_shape"]), str(published["dtype"]),
-                          float(published["min_fill"]), int(published["max_reads"]))
+        spec = _published_spec(published)
         if spec.nbytes != int(published["nbytes"]):
             return None, f"buffer layout differs from the server's ({spec.nbytes} != {published['nbytes']} bytes)"
         st = os.stat(spec.path)
@@ -64,13 +63,27 @@ def open_same_host(published: Optional[dict]) -> tuple[Optional["SameHostReader"
     return SameHostReader(buf, st.st_ino, int(published.get("pid", 0))), ""
 
 
+def _published_spec(published: dict) -> BufferSpec:
+    """The spec of the server's buffer. Whether it keeps provenance arrays is published as `provenance`;
+    a server that does not say so is read by its published size, the one thing those arrays change."""
+    spec = BufferSpec(str(published["path"]), int(published["capacity"]),
+                      tuple(int(x) for x in published["sample_shape"]), str(published["dtype"]),
+                      float(published["min_fill"]), int(published["max_reads"]),
+                      bool(published.get("provenance", False)))
+    if "provenance" not in published and spec.nbytes != int(published["nbytes"]):
+        with_provenance = dataclasses.replace(spec, provenance=True)
+        if with_provenance.nbytes == int(published["nbytes"]):
+            return with_provenance
+    return spec
+
+
 class SameHostReader:
     """Rows claimed and gathered from an attached buffer. Not picklable: made inside the reading process."""
 
     def __init__(self, buffer: SharedActivationBuffer, inode: int, server_pid: int, poll_s: float = 0.002):
         self.buffer, self.inode, self.server_pid, self.poll_s = buffer, inode, server_pid, poll_s
         self.spec = buffer.spec
-        # Map the buffer's pages into this process in the background, as each HTTP process does (P6): the
+        # Map the buffer's pages into this process in the background, as each HTTP process does: the
         # first touch of each page of a large buffer otherwise costs a fault inside the gather.
         self._stop = threading.Event()
         self._prefault = threading.Thread(target=buffer.prefault, kwargs={"stop": self._stop},
@@ -84,8 +97,9 @@ class SameHostReader:
         except OSError:
             return False
 
-    def read(self, out: torch.Tensor, wait_s: float) -> torch.Tensor:
-        """Fill `out` [k, *sample_shape] with k claimed rows; waits while fewer than k are ready (or the
+    def read(self, out: torch.Tensor, wait_s: float, provenance: Optional[dict] = None) -> torch.Tensor:
+        """Fill `out` [k, *sample_shape] with k claimed rows (and the tensors of `provenance`,
+        {"token_ids", "positions", "doc_ids"} [k], with their origin, when given); waits while fewer than k are ready (or the
         buffer is below min_fill) for up to `wait_s` seconds, then raises SameHostGone, as it does at once
         when the server's process or file is gone (rows left in a dead server's memory are not served)."""
         k, deadline, sleep = len(out), time.monotonic() + wait_s, self.poll_s
@@ -93,7 +107,10 @@ class SameHostReader:
             raise SameHostGone(f"{self.spec.path} was removed (server stopped)")
         while True:
             try:
-                self.buffer.read(k, out=out)
+                if provenance is None:
+                    self.buffer.read(k, out=out)
+                else:
+                    self.buffer.read_provenance(k, out=out, prov_out=provenance)
                 return out
             except NotReady as e:
                 if not self.alive():

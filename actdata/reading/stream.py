@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.utils.data import get_worker_info
@@ -28,32 +28,37 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 4096  # rows per batch when batch_size is None, unless the server allows fewer
 
 
+class Shard(NamedTuple):
+    """One reader's place among a trainer's readers (every DataLoader worker of every rank) and its URLs."""
+
+    index: int
+    count: int
+    urls: list[str]
+
+
+class Planned(NamedTuple):
+    """A batch to read ahead: its index in the stream and its rows."""
+
+    index: int
+    rows: int
+
+
 class Source:
     """One server as seen by one shard: its row format and per-request maximum (from `GET /stats`, asked
     once), its same-host reader when the buffer is reachable, else its HTTP reader."""
 
     def __init__(self, url: str, ds, retry: RetryPolicy, http=None):
         self.url, self.ds = url, ds
-        client = ActivationClient(url, api_key=ds.api_key, timeout=ds.timeout, retry_for_s=ds.retry_for_s)
-        try:
-            st = client.get_stats()
-        finally:
-            client.close()
-        self.sample_shape = tuple(int(x) for x in st["sample_shape"])
-        self.dtype = wire.DTYPES[st["dtype"]]
-        server = st.get("server", {})
-        self.max_rows = max(1, int(server.get("max_samples_per_request") or st["capacity"]))
-        self.half_capacity = max(1, int(st["capacity"]) // 2)
+        with ActivationClient(url, api_key=ds.api_key, timeout=ds.timeout, retry_for_s=ds.retry_for_s) as client:
+            self.limits = client.limits()
+        self.sample_shape, self.dtype, self.max_rows = self.limits.sample_shape, self.limits.dtype, self.limits.max_rows
         self.http = http or TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf)
-        self.directory = http is not None
-        if http is not None:  # a cluster's directory: rows come from whichever of its servers serves
-            self.local = None
-            return
+        self.directory = http is not None  # a cluster's directory: rows come from whichever of its servers serves
         self.local = None
-        if ds.local:
+        if ds.local and not self.directory:
             from .samehost import open_same_host
 
-            self.local, why = open_same_host(server.get("same_host"))
+            self.local, why = open_same_host(self.limits.same_host)
             if self.local is None:
                 (log.debug if "another host" in why else log.warning)(
                     "%s: same-host path not used (%s); reading over HTTP", url, why)
@@ -68,24 +73,37 @@ class Source:
         return out
 
     def read_provenance(self, n: int) -> ProvenanceBatch:
-        """n rows with their provenance, over HTTP (one safetensors body per request of at most max_rows)."""
-        parts = [self.http.fetch_provenance(min(self.max_rows, n - a)) for a in range(0, n, self.max_rows)]
-        if len(parts) == 1:
-            return parts[0]
-        return ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+        """n rows with their provenance, in parts of at most max_rows: from the same-host buffer when it
+        keeps provenance, else over HTTP (one safetensors body per part)."""
+        if self.local is None or not self.local.spec.provenance:
+            parts = [self.http.fetch_provenance(min(self.max_rows, n - a)) for a in range(0, n, self.max_rows)]
+            return parts[0] if len(parts) == 1 else ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+        batch = ProvenanceBatch(torch.empty((n, *self.sample_shape), dtype=self.dtype),
+                                **{name: torch.empty(n, dtype=dtype) for name, dtype in wire.PROVENANCE.items()})
+        for a in range(0, n, self.max_rows):
+            part = slice(a, a + self.max_rows)
+            self._read_into(batch.activations[part], {name: getattr(batch, name)[part] for name in wire.PROVENANCE})
+        return batch
 
-    def _read_into(self, out: torch.Tensor) -> None:
+    def _read_into(self, out: torch.Tensor, provenance: Optional[dict] = None) -> None:
+        """Fill `out` (and `provenance`'s tensors, see SameHostReader.read) from one claim or request."""
         if self.local is not None:
             from .samehost import SameHostGone
 
             try:
-                self.local.read(out, wait_s=self.ds.retry_for_s)
+                self.local.read(out, wait_s=self.ds.retry_for_s, provenance=provenance)
                 return
             except SameHostGone as e:
                 log.warning("%s: same-host path stopped (%s); reading over HTTP", self.url, e)
                 self.local.close()
                 self.local = None
-        self.http.fetch(len(out), out=out)
+        if provenance is None:
+            self.http.fetch(len(out), out=out)
+            return
+        got = self.http.fetch_provenance(len(out))
+        out.copy_(got.activations)
+        for name, t in provenance.items():
+            t.copy_(getattr(got, name))
 
     def abort(self) -> None:
         """Wake a read blocked on the network (its socket is shut down; close() still follows)."""
@@ -132,7 +150,7 @@ class Stream:
         return out
 
     def _directory(self) -> Optional[list["Source"]]:
-        """A single URL that is a cluster's directory (actdata.discovery): one source reading from the
+        """A single URL that is a cluster's directory (actdata.reading.directory): one source reading from the
         servers it lists for this shard, moving to another when one fails. None for server URLs."""
         if len(self.ds.urls) != 1:
             return None
@@ -141,8 +159,8 @@ class Stream:
         ds = self.ds
         if not is_directory(ds.urls[0], ds.api_key, timeout=min(ds.timeout, 10.0), retry_for_s=ds.retry_for_s):
             return None
-        index, shards, _ = ds.shard()
-        reader = DirectoryReader(ds.urls[0], index, shards, ds.api_key, timeout=ds.timeout,
+        shard = ds.shard()
+        reader = DirectoryReader(ds.urls[0], shard.index, shard.count, ds.api_key, timeout=ds.timeout,
                                  retry_for_s=ds.retry_for_s, rcvbuf=ds.rcvbuf)
         return [Source(reader.first_server(), ds, self.retry, http=reader)]
 
@@ -153,7 +171,7 @@ class Stream:
         if self.ds.batch_size is not None:
             return self.ds.batch_size
         self.open()
-        return min(DEFAULT_BATCH, *(min(s.max_rows, s.half_capacity) for s in self.sources))
+        return min(s.limits.batch(DEFAULT_BATCH) for s in self.sources)
 
     def exhausted(self) -> bool:
         return ((self.max_batches is not None and self.batches >= self.max_batches)
@@ -193,15 +211,15 @@ class Stream:
             return 0
         return 2 if all(s.local is None and not s.directory for s in self.sources) else 1
 
-    def _upcoming(self, n: int) -> list[tuple[int, int]]:
-        """(index, rows) of the batches after those delivered, as deep as the read-ahead goes and the
+    def _upcoming(self, n: int) -> list[Planned]:
+        """The batches after those delivered, as deep as the read-ahead goes and the
         budget allows, each of n rows (the last fewer when max_samples ends within it, none with drop_last)."""
         out, rows = [], self.rows
         for i in range(self.batches, self.batches + len(self.ahead.lanes)):
             k = n if self.max_samples is None else min(n, self.max_samples - rows)
             if k <= 0 or (self.drop_last and k < n) or (self.max_batches is not None and i >= self.max_batches):
                 break
-            out.append((i, k))
+            out.append(Planned(i, k))
             rows += k
         return out
 

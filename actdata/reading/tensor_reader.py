@@ -23,6 +23,28 @@ from .failures import RETRY_STATUSES, ActivationServerError, RetryPolicy, Transi
 from .urls import resolve_url
 
 
+class RowFormat(NamedTuple):
+    """The shape and dtype of one row, as the first answer described them; later answers must match."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class TensorHeader(NamedTuple):
+    """A 200 answer's tensor, from its checked headers."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+
+class ServerProcessId(NamedTuple):
+    """Which of the server's HTTP processes answered (`X-Actdata-Process: i/n`)."""
+
+    index: int
+    count: int
+
+
 class ProvenanceBatch(NamedTuple):
     """Rows with their origin (`GET /activations/tensor?provenance=1`; needs generator.provenance=true).
     doc_ids: the context id, (g << 40) | context counter of generator g; positions: the row's position in
@@ -63,13 +85,13 @@ class TensorReader:
         self._headers = {"Accept-Encoding": "identity", **bearer(key)}
         self._conn: Optional[http.client.HTTPConnection] = None
         self._requests_on_conn = 0
-        self.row_format: Optional[tuple[tuple[int, ...], torch.dtype]] = None  # (row shape, dtype) once seen
+        self.row_format: Optional[RowFormat] = None  # once seen
         # Spreading: a connection's requests are all served by the HTTP process that accepted it, and which
         # one does is chance. A reader given `prefer` (its place among the readers of one trainer) that is
         # answered by process i of n with i != prefer % n reconnects, at most SPREAD_TRIES times.
         self.prefer: Optional[int] = None
         self.spread_tries = self.SPREAD_TRIES
-        self.server_process: Optional[tuple[int, int]] = None  # (i, n) of the last answer (wire.PROCESS)
+        self.server_process: Optional[ServerProcessId] = None  # of the last answer (wire.PROCESS)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -146,8 +168,8 @@ class TensorReader:
         return ActivationServerError(f"{self.url}: bad tensor response: {what}", url=self.url, status=200,
                                      detail=what)
 
-    def check_headers(self, headers: Mapping, num_samples: int) -> tuple[tuple[int, ...], torch.dtype, int]:
-        """(shape, dtype, nbytes) of a 200 answer, checked before anything is allocated: the headers describe
+    def check_headers(self, headers: Mapping, num_samples: int) -> TensorHeader:
+        """The tensor of a 200 answer, checked before anything is allocated: the headers describe
         a tensor (actdata.wire), Content-Length is an integer equal to shape x dtype, the rows are the rows
         asked for, and the row shape and dtype are those of earlier answers. Raises ActivationServerError."""
         try:
@@ -165,12 +187,12 @@ class TensorReader:
             raise self._bad(f"{wire.SHAPE} {headers.get(wire.SHAPE)!r} but {num_samples} rows were asked for")
         if length_n != nbytes:
             raise self._bad(f"Content-Length {length_n} but {wire.SHAPE} x {wire.DTYPE} describe {nbytes} bytes")
-        row = (shape[1:], dtype)
+        row = RowFormat(shape[1:], dtype)
         if self.row_format is not None and row != self.row_format:
-            raise self._bad(f"rows of {list(shape[1:])} {dtype} after rows of {list(self.row_format[0])} "
-                            f"{self.row_format[1]}")
+            raise self._bad(f"rows of {list(row.shape)} {dtype} after rows of {list(self.row_format.shape)} "
+                            f"{self.row_format.dtype}")
         self.row_format = row
-        return shape, dtype, nbytes
+        return TensorHeader(shape, dtype, nbytes)
 
     def _read_body(self, resp: http.client.HTTPResponse, num_samples: int, empty: Optional[Callable],
                    out: Optional[torch.Tensor]) -> tuple[torch.Tensor, Mapping]:
@@ -201,7 +223,7 @@ class TensorReader:
             i, n = (int(x) for x in process.split("/"))
         except (AttributeError, ValueError):
             return
-        self.server_process = (i, n)
+        self.server_process = ServerProcessId(i, n)
         if self.prefer is not None and n > 1 and i != self.prefer % n and self.spread_tries > 0:
             self.spread_tries -= 1
             self.close()
@@ -215,7 +237,7 @@ class TensorReader:
             raise self._bad(f"Content-Length {length!r} is not an integer") from None
         if self.row_format is not None:  # never allocate more than the rows asked for can take
             shape, dtype = self.row_format
-            most = num_samples * (math.prod(shape) * dtype.itemsize + 16) + (64 << 10)
+            most = num_samples * (math.prod(shape) * dtype.itemsize + wire.PROVENANCE_BYTES) + (64 << 10)
             if not 0 <= nbytes <= most:
                 raise self._bad(f"Content-Length {nbytes} is more than {num_samples} rows with provenance take")
         body = torch.empty(nbytes, dtype=torch.uint8).numpy().data  # not zero-filled, unlike bytearray
