@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_serve import loopback_gbps, memcpy_gbps  # noqa: E402
 
 from actdata.reading.client import ActivationClient  # noqa: E402
-from actdata.serving.main import ServerProcess  # noqa: E402
+from actdata.serving.process import ServerProcess  # noqa: E402
 
 
 def main() -> None:

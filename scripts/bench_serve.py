@@ -34,7 +34,7 @@ import torch
 
 from actdata.reading.client import ActivationClient, TensorReader
 from actdata.reading.dataset import RemoteActivationDataset
-from actdata.serving.main import ServerProcess
+from actdata.serving.process import ServerProcess
 
 MB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

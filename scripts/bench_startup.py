@@ -20,7 +20,7 @@ import requests
 from actdata.shm import SharedActivationBuffer
 from actdata.shm.segment import SHM_DIR
 from actdata.reading.client import TensorReader
-from actdata.serving.main import ServerProcess
+from actdata.serving.process import ServerProcess
 
 GB = 1e9
 

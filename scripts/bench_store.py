@@ -39,7 +39,7 @@ from actdata.shm.buffer import NotReady, SharedActivationBuffer  # noqa: E402
 from actdata.config import Config  # noqa: E402
 from actdata.generation.loop import run_supervised  # noqa: E402
 from actdata.storage.replay import StoreSource  # noqa: E402
-from actdata.serving.main import ServerProcess  # noqa: E402
+from actdata.serving.process import ServerProcess  # noqa: E402
 from actdata.storage.catalog import open_store  # noqa: E402
 from actdata.storage.format import describe, manifest_name  # noqa: E402
 from actdata.storage.writer import StoreWriter  # noqa: E402

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from actdata import wire  # noqa: E402
-from actdata.serving.main import ServerProcess  # noqa: E402
+from actdata.serving.process import ServerProcess  # noqa: E402
 from actdata.generation.synthetic import verify_rows  # noqa: E402
 from load_test import rss_mb, server_pids  # noqa: E402
 

@@ -97,7 +97,7 @@ def first_items(src: ModelSource, n: int) -> list:
 def check_placement(args, report):
     n = torch.cuda.device_count() if args.cuda else 0
     if n >= 2:
-        from actdata.serving.main import ServerProcess
+        from actdata.serving.process import ServerProcess
 
         with ServerProcess(["+preset=test", "server.accelerator=cuda", "server.devices=2", "buffer.size=20000",
                             "generator.batch_size=8"], timeout=240) as srv:

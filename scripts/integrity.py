@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--max-reads", type=int, default=1)
     ap.add_argument("--buffer", type=int, default=20_000)
     a = ap.parse_args()
-    from actdata.serving.main import ServerProcess
+    from actdata.serving.process import ServerProcess
 
     with ServerProcess(["+preset=test", "generator.source=synthetic", f"buffer.size={a.buffer}",
                         f"buffer.max_reads={a.max_reads}", "buffer.min_fill=0.25"]) as srv:

@@ -128,7 +128,7 @@ def main() -> None:
     if a.url:
         url, leader = a.url, None
     else:
-        from actdata.serving.main import ServerProcess
+        from actdata.serving.process import ServerProcess
 
         srv = ServerProcess(["+preset=test", "generator.source=synthetic", "buffer.size=50000",
                              "buffer.max_reads=1000000000", "buffer.min_fill=0.5"])

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from actdata.serving.main import ServerProcess
+from actdata.serving.process import ServerProcess
 
 # No test resumes from a state saved by another run (or by the developer) unless it asks to.
 NO_RESUME = "generator.state_dir=null"

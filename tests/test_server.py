@@ -149,7 +149,7 @@ def test_a_stop_signal_within_the_first_one_returns_at_once(monkeypatch):
     import signal as sig
     import threading
 
-    import actdata.serving.main as serve
+    import actdata.serving.stopping as serve
 
     monkeypatch.setattr(serve, "STOPPING", threading.Event())
     monkeypatch.setattr(serve, "_interrupted", False, raising=False)

@@ -83,7 +83,7 @@ class ServerActor:
 
     def __init__(self, overrides: list[str], node_rank: int, num_nodes: int, public_host: str,
                  start_timeout: float, env: Optional[dict] = None):
-        from ..serving.main import ServerProcess
+        from ..serving.process import ServerProcess
 
         self.node_rank, self.started_at = node_rank, time.time()
         args = [*overrides, f"server.node_rank={node_rank}", f"server.num_nodes={num_nodes}"]
