@@ -1,8 +1,10 @@
-"""What one request may ask for: rows per tensor answer and per JSON answer."""
+"""What one request may ask for: rows per tensor answer and per JSON answer, from the config and the buffer."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+from .. import wire
 from ..config import Config
 from ..shm import BufferSpec
 
@@ -11,8 +13,24 @@ from ..shm import BufferSpec
 JSON_BYTES_PER_VALUE = 25
 
 
+class RowLimits(NamedTuple):
+    max_rows: int  # rows of one tensor answer
+    max_json: int  # rows of one JSON answer
+    prov_bytes: int  # provenance bytes per row (doc id, token id, position)
+
+
 def json_max_rows(cfg: Config, spec: BufferSpec) -> int:
     """Rows whose JSON text fits `server.max_json_bytes`."""
     return max(1, cfg.server.max_json_bytes // (math.prod(spec.sample_shape) * JSON_BYTES_PER_VALUE + 64))
 
 
+def row_limits(cfg: Config, spec: BufferSpec) -> RowLimits:
+    """The per-request maxima. A tensor answer costs its rows twice while sent (the body, and the
+    transport's copy of what the socket has not taken yet), so one request may use at most half of the
+    response memory, provenance included when the buffer keeps it."""
+    prov_bytes = wire.PROVENANCE_BYTES
+    row_cost = spec.row_bytes + (prov_bytes if spec.provenance else 0)
+    max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
+                          cfg.server.max_bytes_per_request // spec.row_bytes,
+                          cfg.server.response_memory_bytes // (2 * row_cost)))
+    return RowLimits(max_rows, min(max_rows, json_max_rows(cfg, spec)), prov_bytes)

@@ -1,27 +1,62 @@
-"""The one module that touches LitServe's private API."""
+"""The one module that touches LitServe's private API, behind a version check and small named methods.
+
+`ActdataLitServer` keeps LitServe's HTTP processes (`http_workers`, index -> Process) where actdata's
+supervisor sees them and can replace one that died (`restart_http_worker`: the steps of LitServe's
+`_start_server` for one process, forked onto the same listening socket); hands out the generator worker
+processes (`generator_processes`, `restart_generator`); turns LitServe's own worker monitor off (actdata
+supervises both kinds); drops LitServe's gzip middleware and its own routes (`strip_app`).
+"""
 from __future__ import annotations
 
+import copy
+import multiprocessing as mp
+import sys
+
 import litserve as ls
+from starlette.middleware.gzip import GZipMiddleware
+
+SUPPORTED = ((0, 2, 19), (0, 3, 0))  # [from, to): the versions whose private API this module was written for
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:3] if p.isdigit())
+
+
+def check_version(version: str = ls.__version__) -> None:
+    """One clear line and exit 2 when the installed LitServe is outside SUPPORTED."""
+    low, high = SUPPORTED
+    if not low <= _version(version) < high:
+        print(f"actdata: litserve {version} is not supported (need >= {'.'.join(map(str, low))}, "
+              f"< {'.'.join(map(str, high))}: pip install 'litserve>=0.2.19,<0.3')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+check_version()
+
 
 class ActdataLitServer(ls.LitServer):
-    """LitServer that keeps its HTTP processes (`http_workers`, index -> Process) where actdata's
-    supervisor (actdata.serve) can see them, and can start a replacement for one that died
-    (`restart_http_worker`: the same steps as LitServe's `_start_server` for one process, forked from
-    this process onto the same listening socket). LitServe itself does not watch them. Generator
-    workers are supervised there too (LitServe's own monitor is turned off)."""
-
     http_workers: dict = {}
+
+    def __init__(self, worker: ls.LitAPI, **kw):
+        super().__init__(worker, **kw)
+        self._monitor_workers = False  # actdata's supervisor watches generator and HTTP processes, and logs deaths
+        self.uvicorn_graceful_timeout = 1  # keep-alive clients must not hold a shutdown
+
+    def strip_app(self, keep_paths: tuple[str, ...] = ()) -> None:
+        """Drop LitServe's gzip middleware (tensor bytes do not compress) and its routes (/, /health, /info
+        and the LitAPI's POST endpoint are not part of actdata's API)."""
+        app = self.app
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not GZipMiddleware]
+        drop = {"/", "/health", "/info", *(api.api_path for api in self.litapi_connector)} - set(keep_paths)
+        app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in drop]
 
     def _start_server(self, port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs):
         self._http_args = (port, log_level, sockets, kwargs)
         self.http_workers = super()._start_server(port, num_uvicorn_servers, log_level, sockets,
                                                   uvicorn_worker_type, **kwargs)
-        return self.http_workers  # the same dict: LitServe's shutdown terminates replacements too
+        return self.http_workers  # the same dict: the shutdown stops replacements too
 
     def restart_http_worker(self, i: int):
-        import copy
-        import multiprocessing as mp
-
         import uvicorn
         from litserve.server import _Server
 
@@ -39,4 +74,16 @@ class ActdataLitServer(ls.LitServer):
         self.http_workers[i] = w
         return w
 
+    def running(self) -> bool:
+        """Whether run() has started the workers (and not yet torn them down)."""
+        return getattr(self, "_shutdown_event", None) is not None
 
+    def generator_processes(self) -> list:
+        """The generator worker processes, by index (a list the supervisor may replace entries of)."""
+        return getattr(self, "inference_workers", None) or []
+
+    def restart_generator(self, idx: int):
+        """Start generator worker idx again (its LitAPI's setup runs anew in a fresh process)."""
+        proc = self.launch_single_inference_worker(self.litapi_connector.lit_apis[0], idx)
+        self.inference_workers[idx] = proc
+        return proc

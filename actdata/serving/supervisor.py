@@ -12,6 +12,7 @@ from .stopping import STOPPING
 
 log = logging.getLogger(__name__)
 
+
 class Supervisor:
     """The main process's watch over its children, every `interval` s:
 
@@ -48,7 +49,7 @@ class Supervisor:
         return self.last_death
 
     def _http(self) -> None:
-        workers = getattr(self.server, "http_workers", None) or {}
+        workers = self.server.http_workers
         changed = False
         for i, w in list(workers.items()):
             if w.is_alive() or self.fatal or STOPPING.is_set():
@@ -66,8 +67,8 @@ class Supervisor:
 
     def _generators(self) -> None:
 
-        procs = getattr(self.server, "inference_workers", None) or []
-        if self.fatal or STOPPING.is_set() or getattr(self.server, "_shutdown_event", None) is None:
+        procs = self.server.generator_processes()
+        if self.fatal or STOPPING.is_set() or not self.server.running():
             return
         for idx, proc in enumerate(procs):
             if proc.is_alive():
@@ -91,7 +92,6 @@ class Supervisor:
                 st.update(state="dead", death=cause, last_error=cause)
                 publish_json(path, st)
             log.error("%s; starting it again", cause)
-            api = self.server.litapi_connector.lit_apis[0]
-            procs[idx] = self.server.launch_single_inference_worker(api, idx)
+            self.server.restart_generator(idx)
             self.gen_restarts += 1
 
