@@ -1,12 +1,13 @@
 """Train a TopK sparse autoencoder with Lightning on activations streamed from an actdata server.
 
     python -m actdata.serve +preset=test                       # in one shell (prints its URL)
-    python examples/train_sae.py --url http://127.0.0.1:8000   # in another
+    python examples/train_sae.py --url http://127.0.0.1:8000   # in another (no --url: $ACTDATA_URL or localhost:8000)
     python examples/train_sae.py --url URL --in-memory         # same rows, pulled once, from memory
     python examples/train_sae.py --url URL --compare           # in-memory, then served: ratio of steps/s (P4)
 
-The row shape comes from the server's /stats: rows [d] are used as they are, rows such as
-[n_points, n_layers, d] are flattened to one vector. Inputs are scaled by one constant (estimated on the
+The row shape and the default batch size come from the server's /stats: rows [d] are used as they are,
+rows such as [n_points, n_layers, d] are flattened to one vector; a batch is 1,024 rows or less where the
+server's buffer or per-request maximum is smaller. Inputs are scaled by one constant (estimated on the
 first batch) so that the mean squared norm of a row is d_in. Prints loss, fraction of variance explained
 (FVE) and samples/s every --log-every steps, and a final `RESULT` line.
 """
@@ -22,8 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import lightning.pytorch as pl
 
-from actdata.reading.client import ActivationClient
-from actdata.reading.dataset import RemoteActivationDataset, make_loader
+from actdata import ActivationClient, ActivationServerError, RemoteActivationDataset, ServerLimits
+from actdata.reading.dataset import make_loader
 
 
 class TopKSAE(pl.LightningModule):
@@ -120,13 +121,13 @@ def fit(label: str, loader: DataLoader, d_in: int, args) -> Meter:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", required=True, help="actdata server URL")
+    p.add_argument("--url", default=None, help="actdata server URL (default: $ACTDATA_URL, else http://localhost:8000)")
     p.add_argument("--api-key", default=None, help="default: $ACTDATA_API_KEY")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--in-memory", action="store_true", help="pull rows once, then train from memory")
     mode.add_argument("--compare", action="store_true", help="in-memory, then served; print the ratio")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 1024, or what the server allows")
     p.add_argument("--expansion", type=int, default=4, help="d_sae = expansion * d_in")
     p.add_argument("--k", type=int, default=32, help="active latents per row")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -139,10 +140,18 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     client = ActivationClient(args.url, api_key=args.api_key)
-    if not client.wait_for_data(args.batch_size, timeout=300):
-        raise SystemExit(f"{args.url}: no {args.batch_size} ready rows within 300 s")
-    st = client.get_stats()
+    if not client.health_check():
+        raise SystemExit(f"{client.url}: no actdata server answers; start one (./scripts/serve.sh) or give --url")
+    try:
+        st = client.get_stats()
+        args.batch_size = args.batch_size or ServerLimits.from_stats(st).batch(1024)
+        if not client.wait_for_data(args.batch_size, timeout=300):
+            raise SystemExit(f"{client.url}: no {args.batch_size} ready rows within 300 s")
+    except ActivationServerError as e:
+        raise SystemExit(f"{e}") from None
     shape = st["sample_shape"]
     d_in = math.prod(shape)
     first, _ = client.get_activations_tensor(args.batch_size)
@@ -161,7 +170,7 @@ def main(argv=None) -> None:
         results["in-memory"] = fit("in-memory", loader, d_in, args)
         del rows, loader
     if not args.in_memory:
-        ds = RemoteActivationDataset(args.url, batch_size=args.batch_size, api_key=args.api_key)
+        ds = RemoteActivationDataset(client.url, batch_size=args.batch_size, api_key=args.api_key)
         results["served"] = fit("served", make_loader(ds, args.num_workers), d_in, args)
     if len(results) == 2:
         ratio = results["served"].steps_per_s / results["in-memory"].steps_per_s

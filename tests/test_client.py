@@ -57,7 +57,10 @@ def test_health_check_of_a_dead_server_is_false_at_once():
 def test_wait_for_data(server):
     c = ActivationClient(server.url)
     assert c.wait_for_data(min_samples=1, timeout=10) is True
-    assert c.wait_for_data(min_samples=10**9, timeout=0.6, check_interval=0.2) is False
+    t0 = time.monotonic()
+    with pytest.raises(ActivationServerError, match="buffer holds 4000 rows"):  # never ready: not waited for
+        c.wait_for_data(min_samples=4001, timeout=60)
+    assert time.monotonic() - t0 < 10
     dead = ActivationClient(f"http://127.0.0.1:{free_port()}")
     assert dead.wait_for_data(timeout=0.5, check_interval=0.1) is False
 
@@ -86,7 +89,8 @@ def test_get_activations_tensor_reuses_one_connection(server):
 
 def test_4xx_is_a_clear_error_at_once(server):
     c = ActivationClient(server.url, retry_for_s=30)
-    for call in (lambda: c.get_activations_tensor(0), lambda: c.get_activations_tensor(4001),
+    # (a tensor batch above the server's maximum is read in parts: see the next test)
+    for call in (lambda: c.get_activations_tensor(0), lambda: c.get_activations(10**6),
                  lambda: c.get_activations(-1)):
         t0 = time.monotonic()
         with pytest.raises(ActivationServerError) as e:
@@ -146,6 +150,40 @@ def test_tensor_reader_reconnects_after_the_server_closed_the_connection(server)
     reader._conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server had dropped the idle connection
     x, _ = reader.fetch(8)
     assert verify_rows(x)[1].all()
+
+
+def test_a_batch_above_the_servers_maximum_is_read_in_several_requests(server):
+    c = ActivationClient(server.url)
+    most = c.limits().max_rows
+    x, meta = c.get_activations_tensor(most + 7)
+    assert tuple(x.shape) == (most + 7, 768) and meta["num_samples"] == most + 7
+    ids, ok = verify_rows(x)
+    assert ok.all() and len(set(ids.tolist())) == most + 7
+
+
+def test_demo_with_no_server_is_one_line_at_once():
+    url = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "actdata.client", url], capture_output=True, text=True, timeout=60)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert out.returncode == 1 and len(lines) == 1 and "no actdata server answers" in lines[0], lines
+    assert url in lines[0] and time.monotonic() - t0 < 30
+
+
+def test_demo_defaults_fit_a_small_buffer():
+    """The test preset's buffer (1,000 rows) is below the demo's usual 1,024-row batch."""
+    srv = ServerProcess([*SYNTHETIC, "buffer.size=1000", "buffer.min_fill=0.25"])
+    try:
+        out = subprocess.run([sys.executable, "-m", "actdata.client", srv.url, "--reps", "1", "--wait", "30"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "shape=(500, 768)" in out.stdout
+        out = subprocess.run([sys.executable, "-m", "actdata.client", srv.url, "--num-samples", "5000"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].endswith("(wait for at most 1000)")
+        assert "Traceback" not in out.stderr
+    finally:
+        srv.stop()
 
 
 def test_demo(server):

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from actdata.reading.client import ActivationClient, ActivationServerError, ServerUnavailable
-from actdata.reading.dataset import ActivationDataModule, RemoteActivationDataset, make_loader
+from actdata import ActivationDataModule
+from actdata.reading.dataset import RemoteActivationDataset, make_loader
 from actdata.reading.sharding import split_evenly
 from actdata.serving.main import ServerProcess
 from actdata.generation.synthetic import verify_rows

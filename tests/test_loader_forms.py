@@ -99,7 +99,7 @@ def test_budgets_and_a_custom_collate(server):
     ("large-scale", ["buffer.size=20000"], 4096, 4096),
 ])
 def test_datamodule_defaults_work_against_every_preset(preset, overrides, rows, width):
-    from actdata.reading.dataset import ActivationDataModule
+    from actdata import ActivationDataModule
 
     srv = start(*overrides, "generator.source=synthetic", base=[f"+preset={preset}"])
     try:
@@ -230,7 +230,7 @@ for local in (True, False):
     x = next(iter(DataLoader(RemoteActivationDataset(url, local=local), batch_size=64, num_workers=1)))
     print(tuple(x.shape))
 try:
-    from actdata.reading.dataset import ActivationDataModule
+    from actdata import ActivationDataModule
 except ImportError as e:
     print("datamodule:", e)
 print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))

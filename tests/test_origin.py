@@ -218,6 +218,41 @@ def test_two_cpu_generators_provenance_statistics_and_422(start_server, tmp_path
         ActivationClient(plain.url).get_activations_tensor(4, provenance=True)
 
 
+def tensor_route_answers(url) -> int:
+    """2xx answers of the tensor route over HTTP, all HTTP processes together (/metrics)."""
+    import re
+
+    text = requests.get(url + "/metrics", timeout=30).text
+    return sum(int(float(v)) for labels, v in re.findall(r'actdata_http_requests_total\{([^}]*)\} ([0-9.e+]+)', text)
+               if 'route="/activations/tensor"' in labels and 'code="2xx"' in labels)
+
+
+def test_a_trainer_beside_a_provenance_server_reads_its_buffer_not_http(start_server, caplog):
+    """The same-host path holds for a buffer with provenance arrays, for plain and provenance batches."""
+    import logging
+
+    from torch.utils.data import DataLoader
+
+    from actdata import RemoteActivationDataset
+
+    srv = start_server("generator.provenance=true", "buffer.size=2000", "buffer.min_fill=0.25")
+    c = ActivationClient(srv.url)
+    assert c.wait_for_data(600, timeout=120)
+    answers, rows_read = tensor_route_answers(srv.url), c.get_stats()["rows_read"]
+    with caplog.at_level(logging.DEBUG, logger="actdata.reading"):
+        plain = list(DataLoader(RemoteActivationDataset(srv.url, batch_size=100, max_batches=3), batch_size=None))
+        origin = list(DataLoader(RemoteActivationDataset(srv.url, batch_size=100, max_batches=2, provenance=True),
+                                 batch_size=None))
+    assert not [r.getMessage() for r in caplog.records if "same-host" in r.getMessage()]
+    assert tensor_route_answers(srv.url) == answers  # not one batch over HTTP
+    assert c.get_stats()["rows_read"] - rows_read == 500  # yet the buffer served them
+    assert [tuple(x.shape) for x in plain] == [(100, 768)] * 3
+    for b in origin:
+        assert isinstance(b, ProvenanceBatch)
+        assert torch.equal(row_ids(b.activations), b.doc_ids)  # each row with its own origin
+        assert torch.equal(b.positions, (b.doc_ids % CONTEXT_ROWS).to(torch.int32))
+
+
 def test_killed_worker_and_restarted_server_never_reissue_an_id(start_server, tmp_path):
     """Serve-once across restarts: a generator worker killed (SIGKILL) and restarted by LitServe, then the
     whole server restarted with the same state dir: every id served is new."""

@@ -19,6 +19,7 @@ as `Authorization: Bearer <key>`.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from typing import Mapping, NamedTuple, Optional
@@ -245,7 +246,9 @@ def _demo(c: ActivationClient, num_samples: Optional[int], reps: int, wait: floa
     try:
         h = c.health()
     except ServerUnavailable as e:
-        print(f"{c.url}: no actdata server answers ({e.detail}); start one with `python -m actdata.serve` "
+        errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", e.detail or "")  # under requests' wrapping
+        print(f"{c.url}: no actdata server answers ({errno.group(1) if errno else e.detail}); "
+              f"start one with `python -m actdata.serve` "
               f"or give its URL (argument or ${URL_ENV})", file=sys.stderr)
         return 1
     print(f"{c.url}: status={h['status']} fill={h['fill']:.2f} ready={h['ready']}/{h['capacity']} "
