@@ -1,17 +1,20 @@
 """What a store directory holds: `open_store` reads an actdata store's manifests, or a datasets.save_to_disk
-directory's metadata, into a `Store` (reading no rows)."""
+directory's metadata, into a `Store`. Every manifest is checked whole and every shard's header against
+its manifest entry, so a malformed store is refused with one line naming the file before any row is read."""
 from __future__ import annotations
 
 import os
 from typing import Optional
 
 from .datasets_dir import open_dataset_store
-from .format import FORMAT, MANIFEST_RE, Shard, Store, StoreError, filesystem, load_json, stats_from_json
+from ..stats import merged
+from .format import (MANIFEST_RE, Manifest, Shard, Store, StoreError, check_header, filesystem, read_header,
+                     read_manifest)
 
 
 def open_store(path: Optional[str], key: str = "store.path", column: Optional[str] = None) -> Store:
-    """Read a store's manifests (or a datasets directory's metadata). Raises StoreError naming `key` for a
-    missing, empty or half-written store. Reads no rows."""
+    """Read a store's manifests and shard headers (or a datasets directory's metadata). Raises StoreError
+    naming `key` and the file for a missing, empty, half-written or malformed store. Reads no rows."""
     if not path:
         raise StoreError(f"{key}: no store given")
     try:
@@ -31,34 +34,42 @@ def open_store(path: Optional[str], key: str = "store.path", column: Optional[st
         raise StoreError(f"{key}: {path} holds no store manifest" +
                          (f" (only a shard being written: {half[0]})" if half else
                           " (neither manifest-g*.json nor a datasets.save_to_disk directory)"))
-    ms, shards, sizes = [], [], {}
+    sizes = {}
     try:
         for info in fs.ls(root, detail=True):
             sizes[os.path.basename(info["name"])] = info.get("size")
     except Exception:
         pass
+    ms: list[Manifest] = []
+    shards = []
     for name in manifests:
-        m = load_json(fs, f"{root}/{name}")
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise StoreError(f"{key}: {path}/{name} is not an actdata store manifest")
-        if ms:
-            for k in ("sample_shape", "dtype"):
-                if m.get(k) != ms[0].get(k):
-                    raise StoreError(f"{key}: {name} holds {k}={m.get(k)} but {manifests[0]} holds {ms[0].get(k)}")
+        m = read_manifest(fs, f"{root}/{name}", f"{key}: {path}/{name}")
+        if m is None:
+            raise StoreError(f"{key}: {path}/{name} went away while the store was being read")
+        for k in ("sample_shape", "dtype"):
+            if ms and m.fields[k] != ms[0].fields[k]:
+                raise StoreError(f"{key}: {path}/{name} holds {k}={m.fields[k]} but {ms[0].name} holds "
+                                 f"{ms[0].fields[k]}")
         ms.append(m)
-        for s in m.get("shards", []):
+        for s in m.fields["shards"]:
             if sizes.get(s["file"]) is None:
-                raise StoreError(f"{key}: {path}: shard {s['file']} listed in {name} is missing")
+                raise StoreError(f"{key}: {path}/{s['file']} (listed in {name}) is missing")
             if sizes[s["file"]] != s["bytes"]:
-                raise StoreError(f"{key}: {path}: shard {s['file']} is {sizes[s['file']]} bytes, {name} says {s['bytes']}")
-            shards.append(Shard(f"{root}/{s['file']}", int(s["rows"]), int(s["bytes"]), s.get("crc32"),
-                                bool(s.get("provenance")), int(m.get("generator", 0))))
+                raise StoreError(f"{key}: {path}/{s['file']} is {sizes[s['file']]} bytes, {name} says {s['bytes']}")
+            shards.append(Shard(f"{root}/{s['file']}", s["rows"], s["bytes"], s.get("crc32"),
+                                s.get("provenance", False), m.fields["generator"]))
     if not shards or not sum(s.rows for s in shards):
         raise StoreError(f"{key}: {path} holds no complete shard yet")
-    stats = [stats_from_json(m.get("stats")) for m in ms]
-    stats = [s for s in stats if s is not None]
-    from ..stats import merged
-
-    return Store(path, "actdata", tuple(ms[0]["sample_shape"]), ms[0]["dtype"],
-                 sorted(shards, key=lambda s: s.file), ms, merged(stats) if stats else None)
-
+    shape, dtype = tuple(ms[0].fields["sample_shape"]), ms[0].fields["dtype"]
+    for sh in shards:  # a header that disagrees with its manifest is refused here, not found mid-replay
+        try:
+            with fs.open(sh.file, "rb") as f:
+                check_header(read_header(f), sh, shape, dtype)
+        except ValueError as e:
+            raise StoreError(f"{key}: {path}/{os.path.basename(sh.file)}: {e}") from None
+        except Exception as e:
+            raise StoreError(f"{key}: {path}/{os.path.basename(sh.file)}: cannot be read ({type(e).__name__}: {e})"
+                             ) from None
+    stats = [m.stats for m in ms if m.stats is not None]
+    return Store(path, "actdata", shape, dtype, sorted(shards, key=lambda s: s.file), [m.fields for m in ms],
+                 merged(stats) if stats else None)

@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..config import Config
 from .catalog import open_store
-from .format import MANIFEST_RE, StoreError, check_compatible, describe, filesystem, load_json
+from .format import MANIFEST_RE, StoreError, check_compatible, describe, filesystem, read_manifest
 
 
 def check_store_config(cfg: Config) -> Optional[tuple]:
@@ -40,9 +40,9 @@ def check_store_matches(cfg: Config, shape: tuple) -> None:
         except Exception as e:
             raise StoreError(f"store.path: cannot use {cfg.store.path}: {type(e).__name__}: {e}") from None
         for name in sorted(n for n in names if MANIFEST_RE.match(n)):
-            m = load_json(fs, f"{root}/{name}")
-            if isinstance(m, dict):
-                check_compatible(m, want, "store.path", cfg.store.path)
+            m = read_manifest(fs, f"{root}/{name}", f"store.path: {cfg.store.path}/{name}")
+            if m is not None:
+                check_compatible(m.fields, want, "store.path", cfg.store.path)
     if cfg.buffer.warm_start:
         s = open_store(cfg.buffer.warm_start, "buffer.warm_start", cfg.store.column)
         if s.kind == "actdata":

@@ -7,36 +7,42 @@ Layout of a store directory (local, or any fsspec URL such as s3://bucket/dir):
     .shard-g00003-000018.safetensors.tmp   the shard g is writing now (removed when g starts again)
 
 A shard is a safetensors file: `rows` [n, *sample_shape] in the buffer dtype, `origin` int64 [n] and,
-when the source gave provenance, `token_ids` int32, `positions` int32, `doc_ids` int64 [n]. Its header
-is padded to DATA_START bytes so the rows start on a page boundary (a memory map reads them in place).
+when the source gave provenance, the arrays of wire.PROVENANCE [n]. Its header is padded to DATA_START
+bytes so the rows start on a page boundary (a memory map reads them in place).
 A manifest names the model, revision, dataset, sites, layers, dtype, sample shape, the generator
 partition (g of G), the running statistics of exactly the rows in its shards, and the shard list with
 rows, bytes and the CRC-32 of each shard's data region. `Shard` and `Store` are what a reader learns from
-the manifests (actdata.storage.catalog.open_store); `verify_shard` checks one shard against them.
+the manifests (actdata.storage.catalog.open_store); `check_manifest` and `check_header` refuse a malformed
+manifest or shard header before anything relies on it; `verify_shard` checks one shard's data as well.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from ..config import Config, ConfigError
-from ..wire import DTYPES, row_bytes, tensors_layout
+from ..wire import DTYPE_NAMES, DTYPES, PROVENANCE, PROVENANCE_BYTES, ST_TORCH, row_bytes, tensors_layout
 from ..stats import RunningStats
 
 FORMAT = "actdata-store"
 VERSION = 1
 DATA_START = 4096  # bytes of header (8-byte length + JSON padded with spaces): rows start page-aligned
 MANIFEST_RE = re.compile(r"manifest-g(\d+)\.json$")
+SHARD_RE = re.compile(r"shard-g(\d+)-(\d+)\.safetensors$")
 
 
 class StoreError(ConfigError):
-    """A store that cannot be used; the message starts with the config key that named it."""
+    """A store that cannot be used; one line that starts with the config key that named it, then the file."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 def manifest_name(g: int) -> str:
@@ -66,21 +72,66 @@ def shard_header(n: int, shape: tuple, dtype: str, extras: dict[str, np.ndarray]
     return (DATA_START - 8).to_bytes(8, "little") + text.ljust(DATA_START - 8)
 
 
-def read_header(f) -> dict:
-    n = int.from_bytes(f.read(8), "little")
-    if not 2 <= n <= 100 << 20:
-        raise ValueError(f"not a safetensors file (header length {n})")
-    return json.loads(f.read(n))
+class TensorEntry(NamedTuple):
+    """One tensor of a shard header: its dtype, shape and byte range after DATA_START."""
+    dtype: torch.dtype
+    shape: tuple
+    begin: int
+    end: int
+
+
+def read_header(f) -> dict[str, TensorEntry]:
+    """The tensors of a shard's safetensors header; ValueError saying what is wrong with a malformed one."""
+    raw = f.read(8)
+    n = int.from_bytes(raw, "little")
+    if len(raw) < 8 or n != DATA_START - 8:
+        raise ValueError(f"not an actdata shard (safetensors header length {n if len(raw) == 8 else 'missing'}, "
+                         f"expected {DATA_START - 8})")
+    text = f.read(n)
+    if len(text) < n:
+        raise ValueError(f"the shard ends inside its header ({8 + len(text)} bytes)")
+    try:
+        head = json.loads(text)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"the shard header is not JSON ({e})") from None
+    if not isinstance(head, dict):
+        raise ValueError(f"the shard header is a JSON {type(head).__name__}, not an object")
+    out = {}
+    for name, h in head.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(h, dict) and h.get("dtype") in ST_TORCH and _ints(h.get("shape"), 0)
+              and _ints(h.get("data_offsets"), 0) and len(h["data_offsets"]) == 2)
+        if not ok:
+            raise ValueError(f"the shard header's entry {name!r} is not a safetensors tensor entry")
+        dtype, shape, (a, b) = ST_TORCH[h["dtype"]], tuple(h["shape"]), h["data_offsets"]
+        if b - a != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"the shard header's entry {name!r}: offsets {[a, b]} do not fit its shape {list(shape)}")
+        out[name] = TensorEntry(dtype, shape, a, b)
+    return out
+
+
+def check_header(head: dict[str, TensorEntry], shard: Shard, sample_shape: tuple, dtype: str) -> None:
+    """ValueError when a shard's header does not hold what its manifest entry says (rows, dtype, arrays, size)."""
+    rows = head.get("rows")
+    if rows is None or rows.shape != (shard.rows, *sample_shape) or rows.dtype != DTYPES[dtype] or rows.begin:
+        got = "no rows" if rows is None else f"rows {list(rows.shape)} {DTYPE_NAMES.get(rows.dtype, rows.dtype)}"
+        raise ValueError(f"header holds {got}, the manifest says {shard.rows} rows of {list(sample_shape)} {dtype}")
+    want = {"origin": torch.int64, **(PROVENANCE if shard.provenance else {})}
+    for name, t in want.items():
+        e = head.get(name)
+        if e is None or e.dtype != t or e.shape != (shard.rows,):
+            raise ValueError(f"header lacks {name} {t} [{shard.rows}]" if e is None else
+                             f"header holds {name} {e.dtype} {list(e.shape)}, expected {t} [{shard.rows}]")
+    end = max(e.end for e in head.values())
+    if DATA_START + end > shard.bytes:
+        raise ValueError(f"header places data up to byte {DATA_START + end}, the shard has {shard.bytes}")
 
 
 def stats_to_json(stats: Optional[RunningStats]) -> Optional[dict]:
     if stats is None:
         return None
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.state_dict().items()}
-
-
-def stats_from_json(d: Optional[dict]) -> Optional[RunningStats]:
-    return None if not d else RunningStats.from_state_dict(d)
 
 
 def describe(cfg: Config, shape: tuple, g: int, G: int) -> dict:
@@ -130,12 +181,103 @@ class Store:
         return sum(s.bytes for s in self.shards)
 
 
-def load_json(fs, path: str) -> Optional[dict]:
+@dataclass
+class Manifest:
+    """One generator's manifest, checked by `check_manifest`: its fields as written, its statistics parsed."""
+    name: str
+    fields: dict
+    stats: Optional[RunningStats]
+
+
+def _ints(x, least: int) -> bool:
+    """x is a list of integers (not booleans), each >= least."""
+    return isinstance(x, list) and all(type(v) is int and v >= least for v in x)
+
+
+def _int_at_least(x, least: int) -> bool:
+    return type(x) is int and x >= least
+
+
+def read_manifest(fs, path: str, where: str) -> Optional[Manifest]:
+    """The checked manifest at `path` in filesystem `fs` (None when there is no such file); StoreError
+    starting with `where` (the key and the file) for one that cannot be read or is malformed."""
     try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
+        with fs.open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         return None
+    except Exception as e:  # permissions, a directory of that name, a remote filesystem's own errors
+        raise StoreError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        m = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise StoreError(f"{where}: not JSON ({e})") from None
+    return check_manifest(m, path.rsplit("/", 1)[-1], where)
+
+
+def check_manifest(m, name: str, where: str) -> Manifest:
+    """Every field a reader or a continuing writer relies on, of the right type and consistent with the
+    shard layout (a shard's bytes follow from its rows); StoreError starting with `where` otherwise."""
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{where}: {what}")
+
+    if not isinstance(m, dict):
+        raise bad(f"a JSON {type(m).__name__}, not a manifest object")
+    if m.get("format") != FORMAT:
+        raise bad(f"not an actdata store manifest (format {m.get('format')!r})")
+    if m.get("version") != VERSION:
+        raise bad(f"format version {m.get('version')!r}; this actdata reads version {VERSION}")
+    dtype, shape = m.get("dtype"), m.get("sample_shape")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not _ints(shape, 1) or not shape:
+        raise bad(f"sample_shape {shape!r} is not a list of positive integers")
+    for k, least in (("generator", 0), ("generators", 1), ("rows", 0), ("bytes", 0)):
+        if not _int_at_least(m.get(k), least):
+            raise bad(f"{k} {m.get(k)!r} is not an integer >= {least}")
+    for k in ("model", "dataset"):
+        if m.get(k) is not None and not isinstance(m[k], dict):
+            raise bad(f"{k} {m[k]!r} is neither an object nor null")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad(f"shards is {'missing' if shards is None else 'a JSON ' + type(shards).__name__}, not a list")
+    rb, seen = row_bytes(tuple(shape), dtype), set()
+    if m.get("row_bytes", rb) != rb:
+        raise bad(f"row_bytes {m['row_bytes']!r}, but rows of {shape} {dtype} have {rb}")
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict):
+            raise bad(f"shards[{i}] is a JSON {type(s).__name__}, not an object")
+        file = s.get("file")
+        if not isinstance(file, str) or not SHARD_RE.fullmatch(file):
+            raise bad(f"shards[{i}].file {file!r} is not a shard name (shard-gNNNNN-NNNNNN.safetensors)")
+        if file in seen:
+            raise bad(f"shard {file} is listed twice")
+        seen.add(file)
+        for k in ("rows", "bytes"):
+            if not _int_at_least(s.get(k), 0):
+                raise bad(f"shard {file}: {k} {s.get(k)!r} is not an integer >= 0")
+        if not isinstance(s.get("provenance", False), bool):
+            raise bad(f"shard {file}: provenance {s['provenance']!r} is not true or false")
+        crc = s.get("crc32")
+        if crc is not None and not (_int_at_least(crc, 0) and crc < 1 << 32):
+            raise bad(f"shard {file}: crc32 {crc!r} is not a CRC-32")
+        size = DATA_START + s["rows"] * (rb + 8 + (PROVENANCE_BYTES if s.get("provenance") else 0))
+        if s["bytes"] != size:
+            raise bad(f"shard {file}: {s['bytes']} bytes, but {s['rows']} rows of {shape} {dtype} make {size}")
+    for k in ("rows", "bytes"):
+        if m[k] != sum(s[k] for s in shards):
+            raise bad(f"{k} {m[k]} is not the sum over its shards ({sum(s[k] for s in shards)})")
+    stats = None
+    if m.get("stats") is not None:
+        try:
+            if not isinstance(m["stats"], dict):
+                raise TypeError(f"a JSON {type(m['stats']).__name__}")
+            stats = RunningStats.from_state_dict(m["stats"], tuple(shape))
+            if stats.sample_shape != tuple(shape) or stats.count < 0:
+                raise ValueError(f"rows of {list(stats.sample_shape)}, count {stats.count}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"stats are not statistics of rows of {shape} ({type(e).__name__}: {e})") from None
+    return Manifest(name, m, stats)
 
 
 def check_compatible(m: dict, want: dict, key: str, path: str) -> None:
@@ -155,9 +297,7 @@ def verify_shard(store: Store, shard: Shard, chunk: int = 64 << 20) -> Optional[
     fs, _, _ = filesystem(store.path)
     try:
         with fs.open(shard.file, "rb") as f:
-            head = read_header(f)
-            if head.get("rows", {}).get("shape", [None])[0] != shard.rows:
-                return f"header says {head.get('rows', {}).get('shape')} rows, manifest says {shard.rows}"
+            check_header(read_header(f), shard, store.sample_shape, store.dtype)
             f.seek(DATA_START)
             crc = 0
             while True:
@@ -165,9 +305,10 @@ def verify_shard(store: Store, shard: Shard, chunk: int = 64 << 20) -> Optional[
                 if not b:
                     break
                 crc = zlib.crc32(b, crc)
+    except ValueError as e:
+        return str(e)
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     if shard.crc32 is not None and crc != shard.crc32:
         return f"CRC-32 {crc:08x}, manifest says {shard.crc32:08x}"
     return None
-

@@ -26,10 +26,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from ..wire import DTYPES, NUMPY, PROVENANCE, row_bytes
 from .catalog import open_store
 from .datasets_dir import DatasetBlocks
-from ..wire import DTYPES, NUMPY, PROVENANCE, row_bytes
-from .format import DATA_START, Shard, Store, StoreError, filesystem, read_header, verify_shard
+from .format import (DATA_START, Shard, Store, StoreError, check_header, filesystem, read_header,
+                     verify_shard)
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 4 << 20  # rows yielded at a time
@@ -42,22 +43,21 @@ class ShardReader:
         fs, _, local = filesystem(store.path)
         with fs.open(shard.file, "rb") as f:
             head = read_header(f)
+        check_header(head, shard, store.sample_shape, store.dtype)
         if local:
             base = np.memmap(shard.file, np.uint8, mode="c")
         else:
             with fs.open(shard.file, "rb") as f:
                 base = np.frombuffer(f.read(), np.uint8)
 
-        def arr(name, np_dtype):
-            a, b = head[name]["data_offsets"]
-            return base[DATA_START + a:DATA_START + b].view(np_dtype)
+        def arr(e):
+            return base[DATA_START + e.begin:DATA_START + e.end].view(NUMPY[e.dtype])
 
-        n = shard.rows
-        words = arr("rows", NUMPY[DTYPES[store.dtype]]).reshape(n, *store.sample_shape)
+        words = arr(head["rows"]).reshape(shard.rows, *store.sample_shape)
         t = torch.from_numpy(words)
         self.rows = t.view(torch.bfloat16) if store.dtype == "bfloat16" else t
-        self.origin = arr("origin", np.int64) if "origin" in head else None
-        self.provenance = {k: arr(k, NUMPY[t]) for k, t in PROVENANCE.items()} if "token_ids" in head else None
+        self.origin = arr(head["origin"]) if "origin" in head else None
+        self.provenance = {k: arr(head[k]) for k in PROVENANCE} if shard.provenance else None
 
 
 class StoreSource:

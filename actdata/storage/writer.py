@@ -26,8 +26,8 @@ import torch
 from ..config import Config
 from ..wire import DTYPES, NUMPY, PROVENANCE, PROVENANCE_BYTES, row_bytes
 from ..stats import RunningStats
-from .format import (DATA_START, check_compatible, describe, filesystem, load_json, manifest_name, shard_header,
-                     shard_name, stats_from_json, stats_to_json)
+from .format import (DATA_START, check_compatible, describe, filesystem, manifest_name, read_manifest,
+                     shard_header, shard_name, stats_to_json)
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,13 @@ class StoreWriter:
         self.fs.makedirs(self.root, exist_ok=True)
         self.shards: list[dict] = []
         self.stats = RunningStats(self.shape) if keep_stats else None
-        prev = load_json(self.fs, f"{self.root}/{manifest_name(self.g)}")
+        name = manifest_name(self.g)
+        prev = read_manifest(self.fs, f"{self.root}/{name}", f"store.path: {path}/{name}")
         if prev is not None:
-            check_compatible(prev, meta, "store.path", path)
-            self.shards = list(prev.get("shards", []))
-            if keep_stats and prev.get("stats"):
-                self.stats = stats_from_json(prev["stats"])
+            check_compatible(prev.fields, meta, "store.path", path)
+            self.shards = list(prev.fields["shards"])
+            if keep_stats and prev.stats is not None:
+                self.stats = prev.stats
         for stale in self.fs.glob(f"{self.root}/.shard-g{self.g:05d}-*.tmp"):  # a crashed run's partial shard
             self.fs.rm(stale)
         self._next = 1 + max((int(s["file"].rsplit("-", 1)[1].split(".")[0]) for s in self.shards), default=-1)
