@@ -4,18 +4,22 @@
 supervisor sees them and can replace one that died (`restart_http_worker`: the steps of LitServe's
 `_start_server` for one process, forked onto the same listening socket); hands out the generator worker
 processes (`generator_processes`, `restart_generator`); turns LitServe's own worker monitor off (actdata
-supervises both kinds); drops LitServe's gzip middleware and its own routes (`strip_app`).
+supervises both kinds); drops LitServe's gzip middleware and its own routes (`strip_app`); and stops every
+child at once (`_perform_graceful_shutdown`) instead of one after the other.
 """
 from __future__ import annotations
 
 import copy
 import multiprocessing as mp
 import sys
+import time
+from multiprocessing.process import BaseProcess
 
 import litserve as ls
 from starlette.middleware.gzip import GZipMiddleware
 
 SUPPORTED = ((0, 2, 19), (0, 3, 0))  # [from, to): the versions whose private API this module was written for
+STOP_WAIT_S = 3.0  # children still alive this long after SIGTERM are killed
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -87,3 +91,20 @@ class ActdataLitServer(ls.LitServer):
         proc = self.launch_single_inference_worker(self.litapi_connector.lit_apis[0], idx)
         self.inference_workers[idx] = proc
         return proc
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal"):
+        """SIGTERM every HTTP process and generator worker at once and wait for them together (LitServe
+        waits for each in turn), then stop the manager; the transport has no sentinel reader to wait for."""
+        self._transport.close(send_sentinel=False)
+        procs = [p for p in [*uvicorn_workers.values(), *self.inference_workers] if isinstance(p, BaseProcess)]
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + STOP_WAIT_S
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+        manager.shutdown()

@@ -53,14 +53,13 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-
 def serve(cfg: Config) -> None:
     """Run the server until interrupted. Raises ConfigError / BufferSpaceError before allocating, and
     SystemExit(1) after a fatal stop (see Supervisor), so a service manager restarts it."""
     from ..shm import SharedActivationBuffer
     from ..shm.segment import SHM_DIR, reclaim_stale
     from .httpguard import Limits, guarded_protocol
-    from .procs import kill_descendants, raise_open_file_limit, setup_logging
+    from .procs import kill_descendants, raise_open_file_limit, release_after_exit, setup_logging
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
@@ -133,6 +132,7 @@ def serve(cfg: Config) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         log.info("stopping: terminating child processes and removing %s", buffer.spec.path)
         kill_descendants()
+        release_after_exit(buffer.spec.path)
         buffer.close()
         if cfg.server.ready_file:
             try:
@@ -145,11 +145,10 @@ def serve(cfg: Config) -> None:
         raise SystemExit(1)
 
 
-
 def _forked_child(buffer) -> None:
     """In each forked child (LitServe's HTTP processes): default SIGTERM, die with the server, one torch
-    thread (row gathers are memory-bound, parallelism comes from the processes, and an OpenMP pool on a
-    busy core is slower than one thread: 8 ms vs 1.2 ms for 4096 x 768 rows), and the buffer's pages
+    thread (row gathers are memory-bound and parallelism comes from the processes; an OpenMP pool on a
+    busy core is slower than one thread), and the buffer's pages
     mapped in the background so that reads of a large buffer cost what reads of a small one do."""
     import torch
 
@@ -173,8 +172,8 @@ def _prefault_when_serving(buffer) -> None:
 
 
 def _exit_now(code: int) -> None:
-    """Leave without the interpreter's teardown: everything was stopped and removed already, and the
-    teardown of the loaded native libraries took ~2 s of a model server's stop."""
+    """Leave without the interpreter's teardown: everything was stopped and removed already, and tearing
+    down the loaded native libraries (torch, transformers) is slow."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

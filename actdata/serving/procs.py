@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Optional
@@ -66,8 +67,8 @@ def _is_resource_tracker(pid: int) -> bool:
 def kill_descendants(timeout: float = 1.5) -> None:
     """SIGTERM every descendant of this process, then SIGKILL those left after `timeout`. The
     multiprocessing resource tracker is spared: it ignores SIGTERM, and once this process exits it
-    unlinks the semaphores of the processes it tracked and leaves by itself (killing it leaked one
-    /dev/shm/sem.mp-* per start)."""
+    unlinks the semaphores of the processes it tracked and leaves by itself (killed, it would leave them
+    in /dev/shm)."""
     pids = [p for p in descendants(os.getpid()) if not _is_resource_tracker(p)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in pids:
@@ -90,6 +91,30 @@ def _reap() -> None:
             pass
     except ChildProcessError:
         pass
+
+
+def release_after_exit(path: str) -> None:
+    """Hold `path` open in a detached helper (`cat` on a pipe only this process writes to) until this
+    process has exited, so that the kernel frees the file's pages and blocks there once the last mapping
+    is gone: for gigabytes on a disk that takes seconds, which would otherwise hold up the stop. Call it
+    before the file is unlinked and unmapped; without `cat` the release happens here, as before."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    r, w = os.pipe()
+    try:
+        subprocess.Popen(["cat"], stdin=r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(fd,),
+                         start_new_session=True)
+        _HELD.append(w)  # closed by this process's exit: the helper's end of file
+    except OSError:
+        os.close(w)
+    finally:
+        os.close(r)
+        os.close(fd)
+
+
+_HELD: list[int] = []
 
 
 def raise_open_file_limit() -> tuple[int, int]:

@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 0.5  # a generator worker told to stop leaves after at most this long (see GeneratorWorker.setup)
 
 
+def _thread_lock_for_progress_bars() -> None:
+    """Give tqdm (model and dataset loading) a thread lock before its first bar: its default lock adds a
+    multiprocessing RLock, a named semaphore that this process's os._exit would leave to the resource
+    tracker to warn about ("leaked semaphore"), and no other process shares it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 class GeneratorWorker(ls.LitAPI):
     """LitServe's device worker, used for what needs a device: it runs one generator."""
 
@@ -32,6 +43,7 @@ class GeneratorWorker(ls.LitAPI):
 
         die_with_parent()
         setup_logging(self.cfg.log_level, self.cfg.server.log_file)
+        _thread_lock_for_progress_bars()
         self._stop = threading.Event()
         local = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         s = self.cfg.server  # the global numbering: generator g of G across every node
