@@ -15,12 +15,13 @@ from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
+
 def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event) -> None:
     """Console side of the main process: announce the URL (and write the ready file) once the HTTP
     processes answer, show a progress bar while the buffer fills to min_fill, then log a one-line
     status every `server.status_interval_s`; and run the supervisor's checks. A fatal finding stops the
     server (exit status 1). Nothing here stops the server because requests are slow: overload is
-    answered by the HTTP layer (actdata.httpguard)."""
+    answered by the HTTP layer (actdata.serving.httpguard)."""
     last_check = 0.0
     while not stop.is_set():
         try:
@@ -80,6 +81,7 @@ def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event)
                      f"{st['writes_per_s']:,.0f}", f"{st['reads_per_s']:,.0f}",
                      st["reads_per_s"] * st["row_bytes"] / 1e6, gens)
             last_line = time.time()
+
 
 def guarded(fn):
     """Run one periodic job; an error is logged, never allowed to end the watch."""

@@ -7,9 +7,10 @@ from fastapi.responses import JSONResponse
 
 from ..auth import CHALLENGE, WRONG_KEY, authorized
 
+
 class Guard:
     """ASGI middleware in front of every route: requests whose headers exceed `max_header_bytes` get 431
-    (the HTTP layer, actdata.httpguard, already closes a connection whose head grows past it while being
+    (the HTTP layer, actdata.serving.httpguard, already closes a connection whose head grows past it while being
     read), and when an API key is set, every route but `GET /` needs `Authorization: Bearer <key>` (401;
     compared in constant time). `GET /` is answered to anyone, with error texts only for key holders."""
 

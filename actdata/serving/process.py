@@ -11,6 +11,7 @@ from typing import Optional
 from ..host import group_pids
 from .stopping import EXIT_WITH_PARENT
 
+
 class ServerProcess:
     """The server in a child process (its own session), for Python callers, tests and benchmarks:
 

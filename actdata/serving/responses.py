@@ -11,10 +11,11 @@ import weakref
 import torch
 from fastapi.responses import Response, StreamingResponse
 
+
 class ResponseBodies:
     """Reusable response memory for one HTTP process, as uint8 tensors that both tensor answers (rows, and
-    the safetensors body with provenance) are built in. A fresh 12 MB body per request costs ~1 ms of page
-    faults (a 75 MB one, ~30 ms). A tensor is lent out with the body made from it, and reused only once
+    the safetensors body with provenance) are built in, so that a request does not pay the page faults of
+    a fresh body. A tensor is lent out with the body made from it, and reused only once
     nothing refers to that body any more: the transport may still be sending it after the response has
     'completed', so this is tracked with a weak reference to the exported array, not with a callback. At
     most `keep` tensors and `keep_bytes` bytes are retained (by default one request's maximum); larger or
@@ -91,7 +92,7 @@ class MemoryBudget:
 def _trim_heap() -> None:
     """Hand freed heap back to the kernel (glibc malloc_trim) once no response is in flight. The JSON
     route's Python objects are made in the thread pool's per-thread malloc arenas, which otherwise keep
-    their pages after a flood (+163 MB per process measured in R7)."""
+    their pages after a flood."""
     global _LIBC
     try:
         if _LIBC is None:
@@ -109,9 +110,9 @@ _LIBC = None
 class BudgetedResponse(Response):
     """A Response that gives its bytes back to the budget once sent (or once sending failed). The body
     goes out in chunks of `CHUNK` bytes: uvicorn copies what the socket does not take at once into the
-    transport's buffer and returns, and waits for the client only before the next write, so a single
-    write let a client that never reads pin a full copy of the body after the response had 'completed'
-    (20 such clients: +1.2 GB in one process, with the budget already given back). In chunks, at most
+    transport's buffer and returns, and waits for the client only before the next write, so in a single
+    write a client that never reads would pin a full copy of the body after the response had 'completed'
+    and its budget was given back. In chunks, at most
     one chunk is copied, and the response completes only when the client has taken the rest (or the
     send timeout has aborted the connection)."""
 

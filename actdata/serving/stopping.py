@@ -13,8 +13,7 @@ EXIT_WITH_PARENT = "ACTDATA_EXIT_WITH_PARENT"  # set by ServerProcess(die_with_p
 
 def exit_with_parent(parent: int, stop: threading.Event) -> None:
     """Stop the server once the process that started it is gone. Backs up PR_SET_PDEATHSIG, which
-    fires when the parent's *thread* ends, not its process, and which a cluster test's server once
-    outlived (its Ray actor gone, the server serving on, orphaned)."""
+    fires when the parent's *thread* ends, not its process (a Ray actor's thread, say)."""
     while not stop.wait(0.5):
         if os.getppid() != parent:
             log.warning("the process that started this server (pid %d) is gone: stopping", parent)
@@ -29,8 +28,8 @@ _interrupted = False
 def _interrupt(signum, frame):
     """The first SIGTERM / SIGINT stops the server (KeyboardInterrupt in the main thread); later ones
     return at once. A signal handler runs inside whatever the main thread was doing: a second signal
-    arriving within the first one's STOPPING.set() would wait forever on the lock the first one holds
-    (a server SIGTERMed several times in a row hung that way, half stopped)."""
+    arriving within the first one's STOPPING.set() would otherwise wait forever on the lock the first one
+    holds."""
     global _interrupted
     if _interrupted:
         return
