@@ -63,6 +63,7 @@ def serve(cfg: Config) -> None:
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
+    from .app import build_server  # LitServe's version is checked here, before anything is allocated
     from ..generation.state import check_state_dir
 
     state = check_state_dir(cfg)  # a one-line config error before anything is allocated
@@ -96,7 +97,6 @@ def serve(cfg: Config) -> None:
             n = warm_start(buffer, b.warm_start, cfg.store.seed, cfg.store.column)
             log.info("warm start: %d rows from %s in %.1f s", n, b.warm_start, time.perf_counter() - t0)
         from .metrics import ServingMetrics
-        from .app import build_server
 
         os.register_at_fork(after_in_child=lambda: _forked_child(buffer))  # LitServe's HTTP processes
         install_handlers()
