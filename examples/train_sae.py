@@ -17,11 +17,10 @@ import argparse
 import math
 import time
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-
-import lightning.pytorch as pl
 
 from actdata import ActivationClient, ActivationServerError, RemoteActivationDataset, ServerLimits
 from actdata.reading.dataset import make_loader

@@ -24,11 +24,9 @@ import statistics
 import time
 
 import torch
-
-from actdata.shm.buffer import SharedActivationBuffer
 from bench_serve import memcpy_gbps  # the limit, measured the same way as in every bench script
 
-
+from actdata.shm.buffer import SharedActivationBuffer
 
 
 def fill(buf: SharedActivationBuffer, rows: torch.Tensor) -> float:

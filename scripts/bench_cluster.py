@@ -36,8 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from actdata.reading.dataset import RemoteActivationDataset, make_loader  # noqa: E402
 from actdata.generation.synthetic import row_ids  # noqa: E402
+from actdata.reading.dataset import RemoteActivationDataset, make_loader  # noqa: E402
 
 OBJECT_STORE = 75 * 1024 * 1024
 ROW_BYTES = 768 * 4

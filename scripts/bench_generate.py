@@ -45,12 +45,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from actdata.shm.buffer import SharedActivationBuffer
+from actdata.config import Config
 from actdata.generation.loading import load_model, load_tokenizer, model_path
 from actdata.generation.model_source import ModelSource
 from actdata.generation.sites import sample_shape
-from actdata.config import Config
 from actdata.generation.text import TokenBlocks
+from actdata.shm.buffer import SharedActivationBuffer
 from actdata.wire import DTYPES
 
 
@@ -206,16 +206,16 @@ def main():
         "a'": ("(a') bare base model(input_ids), full depth", lambda: Bare(cfg, blocks, None, False)),
         "b": (f"(b)  bare causal LM, stopped after block {L} by a hook", lambda: Bare(cfg, blocks, L, True)),
         "b'": (f"(b') bare base model, stopped after block {L} by a hook", lambda: Bare(cfg, blocks, L, False)),
-        "bh": (f"(bh) (b') in bfloat16", lambda: Bare(at(L, "bfloat16"), blocks, L, False)),
+        "bh": ("(bh) (b') in bfloat16", lambda: Bare(at(L, "bfloat16"), blocks, L, False)),
         "c": (f"(c)  actdata -> buffer, resid_post@{last} (full depth)", lambda: Actdata(at(last), args.batches)),
-        "c'": (f"(c') (c) with generator.compile", lambda: Actdata(at(last, compile=True), args.batches)),
+        "c'": ("(c') (c) with generator.compile", lambda: Actdata(at(last, compile=True), args.batches)),
         "d0": (f"(d0) actdata -> buffer, resid_post@{L}, no compile", lambda: Actdata(at(L), args.batches)),
         "d": (f"(d)  actdata -> buffer, resid_post@{L}, generator.compile",
               lambda: Actdata(at(L, compile=True), args.batches)),
         "e": ("(e)  (d) with model.dtype=bfloat16", lambda: Actdata(at(L, "bfloat16", compile=True), args.batches)),
-        "p": (f"(p)  (d0) + provenance, statistics, saved position",
+        "p": ("(p)  (d0) + provenance, statistics, saved position",
               lambda: Actdata(at(L, origin=True), args.batches, origin=True)),
-        "dt": (f"(dt) (d0) through the 3-thread pipeline (CUDA's)",
+        "dt": ("(dt) (d0) through the 3-thread pipeline (CUDA's)",
                lambda: Actdata(at(L), args.batches, threaded=True)),
     }
     if args.only == "f":

@@ -329,7 +329,6 @@ def main() -> None:
 
     if a.forms_only:
         return print_table(rows_out, ratios, limits, a.png)
-    clt = (2, 12, 768)
     clt_bytes = 2 * 12 * 768 * 2
     with ServerProcess([*common, "buffer.size=12000", "buffer.dtype=float16", "buffer.sample_shape=[2,12,768]"]) as srv:
         wait_full(srv.url)

@@ -17,10 +17,10 @@ import time
 
 import requests
 
-from actdata.shm import SharedActivationBuffer
-from actdata.shm.segment import SHM_DIR
 from actdata.reading.client import TensorReader
 from actdata.serving.process import ServerProcess
+from actdata.shm import SharedActivationBuffer
+from actdata.shm.segment import SHM_DIR
 
 GB = 1e9
 

@@ -35,16 +35,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from actdata.shm.buffer import NotReady, SharedActivationBuffer  # noqa: E402
+from bench_serve import dataloader_rate, wait_full  # noqa: E402
+
 from actdata.config import Config  # noqa: E402
 from actdata.generation.loop import run_supervised  # noqa: E402
-from actdata.storage.replay import StoreSource  # noqa: E402
+from actdata.generation.synthetic import make_rows  # noqa: E402
 from actdata.serving.process import ServerProcess  # noqa: E402
+from actdata.shm.buffer import NotReady, SharedActivationBuffer  # noqa: E402
 from actdata.storage.catalog import open_store  # noqa: E402
 from actdata.storage.format import describe, manifest_name  # noqa: E402
+from actdata.storage.replay import StoreSource  # noqa: E402
 from actdata.storage.writer import StoreWriter  # noqa: E402
-from actdata.generation.synthetic import make_rows  # noqa: E402
-from bench_serve import dataloader_rate, wait_full  # noqa: E402
 
 MB = 1 << 20
 DIM, BATCH = 768, 4096
@@ -181,7 +182,7 @@ def main() -> None:
     a = ap.parse_args()
     base = tempfile.mkdtemp(prefix="actdata-bench-store-", dir=a.dir)
     nbytes = int(a.gb * 1e9) // (16 * MB) * 16 * MB
-    rows, rates = [], {}
+    rows = []
     print(f"load average at start: {load()}", flush=True)
     try:
         # -- limits and writing ---------------------------------------------------------------------

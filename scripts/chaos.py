@@ -43,11 +43,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from load_test import rss_mb, server_pids  # noqa: E402
 
 from actdata import wire  # noqa: E402
-from actdata.serving.process import ServerProcess  # noqa: E402
 from actdata.generation.synthetic import verify_rows  # noqa: E402
-from load_test import rss_mb, server_pids  # noqa: E402
+from actdata.serving.process import ServerProcess  # noqa: E402
 
 SYN = ["+preset=test", "generator.source=synthetic"]
 RESULTS: list[tuple[str, str, str, bool]] = []  # (check, measured, bound, ok)
@@ -407,7 +407,6 @@ def r8_space() -> None:
             st, t_seen = wait_for(lambda: (g := gen_status(srv.url))["state"] == "paused" and g, 10)
             time.sleep(max(0.0, 3 - (time.time() - t_full)))
             os.unlink(filler)
-            t_free = time.time()
             w0 = get_json(srv.url, "/stats")["rows_written"]
             resumed, t_back = wait_for(lambda: gen_status(srv.url)["state"] == "running"
                                        and get_json(srv.url, "/stats")["rows_written"] > w0, 10)
@@ -446,7 +445,6 @@ def r8_kills() -> None:
         # the generator
         g = gen_status(srv.url)
         os.kill(g["pid"], signal.SIGKILL)
-        t0 = time.time()
         w0 = get_json(srv.url, "/stats")["rows_written"]
         back, t = wait_for(lambda: (x := gen_status(srv.url))["state"] == "running" and x["pid"] != g["pid"]
                            and get_json(srv.url, "/stats")["rows_written"] > w0 and x, 30)
@@ -603,7 +601,7 @@ def main() -> int:
     if "R10" in only:
         r10(a.cycles)
     load1 = os.getloadavg()
-    print(f"\n| check | measured | bound | result |\n|---|---|---|---|")
+    print("\n| check | measured | bound | result |\n|---|---|---|---|")
     for check, measured, bound, ok in RESULTS:
         print(f"| {check} | {measured} | {bound} | {'pass' if ok else 'FAIL'} |")
     print(f"\n{sum(ok for *_, ok in RESULTS)}/{len(RESULTS)} passed in {time.time() - t0:.0f} s; "

@@ -45,10 +45,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from actdata.shm.buffer import SharedActivationBuffer
 from actdata.config import Config, ConfigError
 from actdata.generation.model_source import ModelSource
 from actdata.generation.sites import sample_shape
+from actdata.shm.buffer import SharedActivationBuffer
 
 ROWS: list[tuple[str, str, str, str]] = []
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from actdata.generation.synthetic import verify_rows
 from actdata.reading import batchslots as batches
 from actdata.reading.batchslots import BatchPool, SlotBatch, worker_pool
 from actdata.reading.dataset import RemoteActivationDataset
-from actdata.generation.synthetic import verify_rows
 
 
 class Numbered(IterableDataset):

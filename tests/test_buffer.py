@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from actdata.generation.synthetic import make_rows, verify_rows
 from actdata.shm import BufferSpaceError, NotReady, SharedActivationBuffer
 from actdata.shm.layout import FREE, READING, READY, WRITING
 from actdata.shm.segment import hold_owner_lock, reclaim_stale
-from actdata.generation.synthetic import make_rows, verify_rows
 
 
 def test_state_machine_and_serve_once():

@@ -14,10 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from actdata.config import SITES, Config, ConfigError
 from actdata.generation.loading import load_model
 from actdata.generation.model_source import ModelSource
 from actdata.generation.sites import Capture, OutlierFilter, keep_mask, make_plan, sample_shape
-from actdata.config import SITES, Config, ConfigError
 from actdata.generation.text import TokenBlocks
 
 TEXT = [

@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
-
-from actdata.reading.client import ActivationClient, ActivationServerError, ServerUnavailable, TensorReader
-from actdata.serving.main import ServerProcess
-from actdata.generation.synthetic import verify_rows
 from conftest import SYNTHETIC
+
+from actdata.generation.synthetic import verify_rows
+from actdata.reading.client import ActivationClient, ActivationServerError, ServerUnavailable, TensorReader
+from actdata.serving.process import ServerProcess
 
 KEY = "k3y-for-tests"
 

@@ -20,12 +20,12 @@ import urllib.request
 
 import pytest
 import torch
+from conftest import group_pids
 
+from actdata.generation.synthetic import verify_rows
 from actdata.reading.client import ActivationClient, ActivationServerError
 from actdata.reading.dataset import RemoteActivationDataset, make_loader
 from actdata.reading.directory import DirectoryClient, NotADirectory
-from actdata.generation.synthetic import verify_rows
-from conftest import group_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECT_STORE = 75 * 1024 * 1024  # Ray's object store lives in /dev/shm, beside the buffers: keep it small

@@ -12,11 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from test_capture import TEXT, build, make_cfg
 
 import actdata.generation.model_source as model_source
 from actdata.generation.model_source import ModelSource
 from actdata.generation.text import TokenBlocks
-from test_capture import TEXT, build, make_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,15 +8,15 @@ import time
 
 import pytest
 import torch
+from conftest import SYNTHETIC
 from torch.utils.data import DataLoader
 
-from actdata.reading.client import ActivationClient, ActivationServerError, ServerUnavailable
 from actdata import ActivationDataModule
+from actdata.generation.synthetic import verify_rows
+from actdata.reading.client import ActivationClient, ActivationServerError, ServerUnavailable
 from actdata.reading.dataset import RemoteActivationDataset, make_loader
 from actdata.reading.sharding import split_evenly
-from actdata.serving.main import ServerProcess
-from actdata.generation.synthetic import verify_rows
-from conftest import SYNTHETIC
+from actdata.serving.process import ServerProcess
 
 
 def free_port() -> int:

@@ -27,18 +27,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 import torch
+from test_capture import build, make_cfg, reference
 
-from actdata.generation import loop as gen
-from actdata.shm import SharedActivationBuffer
-from actdata.shm.pages import populate
 from actdata.config import Config, ConfigError, validate
+from actdata.generation import loop as gen
 from actdata.generation.loading import load_model
 from actdata.generation.model_source import ModelSource
-from actdata.generation.placement import poisons_context, resolve_dtype, cpu_auto_dtype
+from actdata.generation.placement import cpu_auto_dtype, poisons_context, resolve_dtype
 from actdata.generation.sites import OutlierFilter, sample_shape
 from actdata.generation.status import read_statuses
-
-from test_capture import build, make_cfg, reference
+from actdata.shm import SharedActivationBuffer
+from actdata.shm.pages import populate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,10 +13,10 @@ import requests
 import torch
 
 from actdata import wire
+from actdata.generation.synthetic import make_rows, row_ids
 from actdata.shm import BufferSpaceError, SharedActivationBuffer
 from actdata.shm.segment import reclaim_stale
 from actdata.shm.sidefiles import owner_lock as owner_lock_path
-from actdata.generation.synthetic import make_rows, row_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

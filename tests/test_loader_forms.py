@@ -12,14 +12,14 @@ import time
 
 import pytest
 import torch
+from conftest import SYNTHETIC
 from torch.utils.data import DataLoader
 
 from actdata import wire
+from actdata.generation.synthetic import verify_rows
 from actdata.reading.client import ActivationClient, ActivationServerError, TensorReader
 from actdata.reading.dataset import RemoteActivationDataset
-from actdata.serving.main import ServerProcess
-from actdata.generation.synthetic import verify_rows
-from conftest import SYNTHETIC
+from actdata.serving.process import ServerProcess
 
 
 def start(*overrides, base=SYNTHETIC) -> ServerProcess:

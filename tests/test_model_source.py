@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from actdata.shm import BufferSpec, SharedActivationBuffer
-from actdata.generation.model_source import ModelSource
-from actdata.generation.sites import sample_shape
 from actdata.config import Config, ConfigError
 from actdata.generation.loop import run_supervised
+from actdata.generation.model_source import ModelSource
+from actdata.generation.sites import sample_shape
 from actdata.generation.status import read_statuses
+from actdata.shm import BufferSpec, SharedActivationBuffer
 
 
 def embedded_cfg(**gen) -> Config:

@@ -18,12 +18,12 @@ import safetensors.torch
 import torch
 
 from actdata import wire
-from actdata.reading.client import ActivationClient, ActivationServerError, ProvenanceBatch, scaling_factor
 from actdata.config import Config, ConfigError, DatasetConfig
 from actdata.generation.state import GeneratorState, check_state_dir, identity
-from actdata.stats import RunningStats
 from actdata.generation.synthetic import CONTEXT_ROWS, make_rows, row_ids
 from actdata.generation.text import TokenBlocks, documents, share
+from actdata.reading.client import ActivationClient, ActivationServerError, ProvenanceBatch, scaling_factor
+from actdata.stats import RunningStats
 
 
 class WordTokenizer:

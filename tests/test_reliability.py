@@ -7,15 +7,15 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import requests
 import torch
 
 from actdata import wire
-from actdata.shm.buffer import SharedActivationBuffer
 from actdata.config import Config
-from actdata.generation.loop import read_statuses, run_supervised
+from actdata.generation.loop import run_supervised
+from actdata.generation.status import read_statuses
 from actdata.generation.synthetic import make_rows, verify_rows
+from actdata.shm.buffer import SharedActivationBuffer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 from integrity import read_rows  # noqa: E402
@@ -141,7 +141,7 @@ def test_killed_generator_worker_is_restarted_and_rows_keep_flowing(start_server
     wait_for(lambda: serving(srv.url))
     gen = requests.get(srv.url + "/stats").json()["generators"][0]
     os.kill(gen["pid"], signal.SIGKILL)
-    t, r = None, requests.get(srv.url + wire.TENSOR_PATH, params={"num_samples": 100})
+    r = requests.get(srv.url + wire.TENSOR_PATH, params={"num_samples": 100})
     assert r.status_code == 200  # ready rows are served while the generator is down
     assert verify_rows(wire.decode(r.content, r.headers))[1].all()
 

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SYNTHETIC
 
 from actdata.reading.client import ActivationClient
-from conftest import SYNTHETIC
 
 # The "Client Usage" snippet of the original service's README, verbatim but for the package name.
 README_SNIPPET = '''
@@ -43,7 +43,7 @@ print(len(data['activations']), data['shape'], data['buffer_stats']['valid_sampl
 # Runs inside a private network namespace, where port 8000 is ours whatever else runs on this machine.
 DRIVER = '''
 import subprocess, sys
-from actdata.serving.main import ServerProcess
+from actdata.serving.process import ServerProcess
 with ServerProcess([*sys.argv[2:], "server.port=8000"]) as srv:
     r = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True, timeout=120)
     r2 = subprocess.run([sys.executable, "-m", "actdata.client", "--num-samples", "64", "--reps", "1"],

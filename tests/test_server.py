@@ -6,10 +6,10 @@ import time
 import pytest
 import requests
 import torch
+from conftest import group_pids, shm_files
 
 from actdata import wire
 from actdata.generation.synthetic import verify_rows
-from conftest import group_pids, shm_files
 
 
 def get_tensor(url, n, **kw):
@@ -179,7 +179,7 @@ def test_a_server_stops_when_the_process_that_started_it_dies(how):
     import sys
 
     start = ('env={"ACTDATA_EXIT_WITH_PARENT": "1"}' if how == "watch" else "die_with_parent=True")
-    code = ("import time\nfrom actdata.serving.main import ServerProcess\n"
+    code = ("import time\nfrom actdata.serving.process import ServerProcess\n"
             f"srv = ServerProcess(['+preset=test', 'generator.source=synthetic', 'generator.state_dir=null'], {start})\n"
             "print(srv.proc.pid, flush=True)\ntime.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

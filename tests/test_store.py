@@ -14,12 +14,12 @@ import torch
 
 from actdata import wire
 from actdata.config import Config, ConfigError
-from actdata.storage.replay import StoreSource
+from actdata.generation.synthetic import SyntheticSource, make_rows, row_ids, verify_rows
 from actdata.serving.main import sample_shape
 from actdata.storage.catalog import open_store
 from actdata.storage.format import verify_shard
+from actdata.storage.replay import StoreSource
 from actdata.storage.writer import StoreWriter
-from actdata.generation.synthetic import SyntheticSource, make_rows, row_ids, verify_rows
 
 SYN = ["+preset=test", "generator.source=synthetic", "buffer.activation_dim=64"]
 

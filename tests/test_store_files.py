@@ -13,10 +13,10 @@ import subprocess
 import sys
 
 import pytest
+from test_store import write_synthetic
 
 from actdata.storage.catalog import open_store
 from actdata.storage.format import DATA_START, StoreError
-from test_store import write_synthetic
 
 MANIFEST = "manifest-g00000.json"
 SHARD = "shard-g00000-000001.safetensors"  # the second shard: 100 rows of [64] float32 with provenance
@@ -294,10 +294,11 @@ def test_servers_refuse_a_malformed_store_in_one_line(pristine, tmp_path, how):
 
 
 def test_writing_into_a_store_with_a_malformed_manifest_is_refused(pristine, tmp_path):
+    from test_store import meta
+
     from actdata.config import Config
     from actdata.serving.main import sample_shape
     from actdata.storage.writer import StoreWriter
-    from test_store import meta
 
     d = copy_of(pristine, tmp_path)
     HAND_PICKED["shard an int"](d)

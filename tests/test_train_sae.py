@@ -4,8 +4,9 @@ import re
 import subprocess
 import sys
 
-from actdata.serving.main import ServerProcess
 from conftest import SYNTHETIC
+
+from actdata.serving.process import ServerProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -224,8 +224,8 @@ def supervise(nodes: list[_Node], directory, stop: threading.Event, c: ClusterCo
 
 def run(cfg: Config, overrides: list[str]) -> None:
     """Connect, start the directory and the servers, supervise until interrupted, then stop everything."""
-    from .directory import Directory
     from ..serving.procs import setup_logging
+    from .directory import Directory
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)

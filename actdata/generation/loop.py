@@ -36,13 +36,9 @@ from .. import wire
 from ..config import Config
 from ..shm import BufferSpaceError, BufferSpec, SharedActivationBuffer
 from .placement import poisons_context
-from .progress import Progress, read_statistics, statistics_enabled
+from .progress import Progress
 from .source import BatchInfo, RowSource
-from .status import Status, read_statuses
-
-# read_statistics, read_statuses and statistics_enabled are re-exported: serving/ reads them from here
-__all__ = ["POISONED_EXIT", "Generator", "make_source", "read_statistics", "read_statuses", "release_source",
-           "run_supervised", "statistics_enabled"]
+from .status import Status
 
 log = logging.getLogger(__name__)
 POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure has made unusable

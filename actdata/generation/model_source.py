@@ -35,13 +35,22 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..wire import DTYPES as TORCH_DTYPES
 from .loading import load_config, load_model, load_tokenizer, meta_model
 from .placement import bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
-from .sites import (Capture, OutlierFilter, blocks_needed, check_buffer, check_model, compile_blocks,
-                    finite_rows, keep_mask, make_plan)
+from .sites import (
+    Capture,
+    OutlierFilter,
+    blocks_needed,
+    check_buffer,
+    check_model,
+    compile_blocks,
+    finite_rows,
+    keep_mask,
+    make_plan,
+)
 from .source import BatchInfo, RowBatch
 from .text import TokenBlocks, check_corpus
-from ..wire import DTYPES as TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 _STOPPED = object()  # what a wait returns once the pipeline is stopped

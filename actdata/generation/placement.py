@@ -27,9 +27,9 @@ from typing import Optional
 
 import torch
 
-from ..host import mem_available
 from .. import wire
 from ..config import Config, ConfigError, human_bytes
+from ..host import mem_available
 
 log = logging.getLogger(__name__)
 

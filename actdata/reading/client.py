@@ -29,8 +29,15 @@ import torch
 
 from .. import wire
 from ..auth import API_KEY_ENV, bearer, resolve_api_key
-from .failures import (RETRY_STATUSES, ActivationServerError, RetryPolicy, ServerUnavailable, Transient,
-                       error_detail, retry_after)
+from .failures import (
+    RETRY_STATUSES,
+    ActivationServerError,
+    RetryPolicy,
+    ServerUnavailable,
+    Transient,
+    error_detail,
+    retry_after,
+)
 from .tensor_reader import ProvenanceBatch, TensorReader
 from .urls import DEFAULT_URL, URL_ENV, resolve_url
 

@@ -69,6 +69,7 @@ from .sharding import distributed_rank_world, share
 from .stream import Shard, Stream
 from .urls import resolve_urls
 
+
 class PendingRow:
     """A row of a DataLoader batch not read yet: the collate reads all rows of the batch in one request
     (see `collate_pending`). The same object stands for every row of a stream."""

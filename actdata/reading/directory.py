@@ -24,8 +24,8 @@ from typing import Callable, Optional
 
 from .. import wire
 from ..auth import bearer, resolve_api_key
-from .sharding import share
 from .failures import ActivationServerError, RetryPolicy, ServerUnavailable, Transient
+from .sharding import share
 from .tensor_reader import TensorReader
 
 

@@ -23,7 +23,6 @@ buffer's `rows_read` but not in the HTTP metrics.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -64,17 +63,11 @@ def open_same_host(published: Optional[dict]) -> tuple[Optional["SameHostReader"
 
 
 def _published_spec(published: dict) -> BufferSpec:
-    """The spec of the server's buffer. Whether it keeps provenance arrays is published as `provenance`;
-    a server that does not say so is read by its published size, the one thing those arrays change."""
-    spec = BufferSpec(str(published["path"]), int(published["capacity"]),
+    """The spec of the server's buffer, as its server published it."""
+    return BufferSpec(str(published["path"]), int(published["capacity"]),
                       tuple(int(x) for x in published["sample_shape"]), str(published["dtype"]),
                       float(published["min_fill"]), int(published["max_reads"]),
                       bool(published.get("provenance", False)))
-    if "provenance" not in published and spec.nbytes != int(published["nbytes"]):
-        with_provenance = dataclasses.replace(spec, provenance=True)
-        if with_provenance.nbytes == int(published["nbytes"]):
-            return with_provenance
-    return spec
 
 
 class SameHostReader:

@@ -19,10 +19,10 @@ from torch.utils.data import get_worker_info
 from .. import wire
 from .batchslots import worker_pool
 from .client import ActivationClient
+from .failures import RetryPolicy
 from .readahead import ReadAhead
 from .sharding import split_evenly
 from .tensor_reader import ProvenanceBatch, TensorReader
-from .failures import RetryPolicy
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 4096  # rows per batch when batch_size is None, unless the server allows fewer

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ..config import Config
-from ..generation.loop import read_statuses
+from ..generation.status import read_statuses
 from ..host import host_identity
 from ..shm import BufferSpec, NotReady, SharedActivationBuffer
 from .limits import RowLimits, row_limits
@@ -55,7 +55,7 @@ class RouteContext:
         same_host = {"path": spec.path, "host": host_identity(), "pid": os.getpid(), "nonce": buffer.nonce,
                      "nbytes": spec.nbytes, "data_offset": buffer.data_offset, "capacity": spec.capacity,
                      "sample_shape": list(spec.sample_shape), "dtype": spec.dtype, "min_fill": spec.min_fill,
-                     "max_reads": spec.max_reads}
+                     "max_reads": spec.max_reads, "provenance": spec.provenance}
         return cls(buffer, cfg, row_limits(cfg, spec), MemoryBudget(cfg.server.response_memory_bytes),
                    ResponseBodies(keep_bytes=cfg.server.response_memory_bytes // 2), same_host)
 

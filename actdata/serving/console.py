@@ -42,7 +42,7 @@ def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event)
         with open(tmp, "w") as f:
             json.dump({"url": url, "port": int(url.rsplit(":", 1)[1]), "pid": os.getpid()}, f)
         os.replace(tmp, cfg.server.ready_file)
-    from ..generation.loop import read_statuses
+    from ..generation.status import read_statuses
 
     tty, last_line, last_reclaim = sys.stderr.isatty(), 0.0, time.time()
     while not stop.wait(sup.interval):

@@ -19,7 +19,6 @@ from ..auth import resolve_api_key
 from ..config import Config, ConfigError, estimate_bytes, human_bytes, synthetic_shape, to_config, validate
 from ..shm import sidefiles
 from .console import watch
-from .process import ServerProcess  # noqa: F401  (re-exported: callers import it from here)
 from .stopping import EXIT_WITH_PARENT, exit_with_parent, install_handlers
 from .supervisor import Supervisor
 
@@ -63,8 +62,8 @@ def serve(cfg: Config) -> None:
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
-    from .app import build_server  # LitServe's version is checked here, before anything is allocated
     from ..generation.state import check_state_dir
+    from .app import build_server  # LitServe's version is checked here, before anything is allocated
 
     state = check_state_dir(cfg)  # a one-line config error before anything is allocated
     nofile, _ = raise_open_file_limit()

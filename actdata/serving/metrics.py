@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
+from ..generation.status import read_statuses
 from ..shm import SharedActivationBuffer
 from ..shm.lock import ProcessLock
-from ..generation.loop import read_statuses
 
 ROUTES = ("/activations/tensor", "/activations", "/stats", "/", "/refresh", "/metrics", "other")
 CLASSES = ("2xx", "4xx", "5xx")

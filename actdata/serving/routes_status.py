@@ -10,7 +10,8 @@ from fastapi import Query, Request
 from fastapi.responses import Response
 
 from .. import __version__, wire
-from ..generation.loop import read_statistics, read_statuses, statistics_enabled
+from ..generation.progress import read_statistics, statistics_enabled
+from ..generation.status import read_statuses
 from ..host import pid_alive
 from ..shm import sidefiles
 from ..shm.sidefiles import read_json

@@ -39,7 +39,7 @@ class GeneratorWorker(ls.LitAPI):
         self.cfg, self.buffer_spec, self.local_generators = cfg, spec, local_generators
 
     def setup(self, device: str) -> None:
-        from .procs import setup_logging, die_with_parent
+        from .procs import die_with_parent, setup_logging
 
         die_with_parent()
         setup_logging(self.cfg.log_level, self.cfg.server.log_file)

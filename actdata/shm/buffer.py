@@ -41,10 +41,36 @@ import torch
 from .. import wire
 from ..host import pid_alive
 from . import segment, sidefiles
-from .layout import (FREE, H_BATCHES, H_CAPACITY, H_CONTEXTS_SEEN, H_EPOCH, H_MAGIC, H_N_FREE, H_N_READING,
-                     H_N_READY, H_N_WRITING, H_NONCE, H_READ, H_REFRESHED, H_RESERVED, H_WRITTEN, HEADER_BYTES,
-                     HF_CREATED, HF_MIX_SUM, HF_RATE_AT, HF_RATE_IN, HF_RATE_OUT, MAGIC, PROVENANCE_ARRAYS, READING,
-                     READY, WRITING, BufferSpec, index_bytes)
+from .layout import (
+    FREE,
+    H_BATCHES,
+    H_CAPACITY,
+    H_CONTEXTS_SEEN,
+    H_EPOCH,
+    H_MAGIC,
+    H_N_FREE,
+    H_N_READING,
+    H_N_READY,
+    H_N_WRITING,
+    H_NONCE,
+    H_READ,
+    H_REFRESHED,
+    H_RESERVED,
+    H_WRITTEN,
+    HEADER_BYTES,
+    HF_CREATED,
+    HF_MIX_SUM,
+    HF_RATE_AT,
+    HF_RATE_IN,
+    HF_RATE_OUT,
+    MAGIC,
+    PROVENANCE_ARRAYS,
+    READING,
+    READY,
+    WRITING,
+    BufferSpec,
+    index_bytes,
+)
 from .lock import ProcessLock
 from .pages import Populator, prefault
 from .segment import BufferSpaceError

@@ -6,10 +6,19 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .datasets_dir import open_dataset_store
 from ..stats import merged
-from .format import (MANIFEST_RE, Manifest, Shard, Store, StoreError, check_header, filesystem, read_header,
-                     read_manifest)
+from .datasets_dir import open_dataset_store
+from .format import (
+    MANIFEST_RE,
+    Manifest,
+    Shard,
+    Store,
+    StoreError,
+    check_header,
+    filesystem,
+    read_header,
+    read_manifest,
+)
 
 
 def open_store(path: Optional[str], key: str = "store.path", column: Optional[str] = None) -> Store:

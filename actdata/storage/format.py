@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
-from ..wire import DTYPE_NAMES, DTYPES, PROVENANCE, PROVENANCE_BYTES, ST_TORCH, row_bytes, tensors_layout
 from ..stats import RunningStats
+from ..wire import DTYPE_NAMES, DTYPES, PROVENANCE, PROVENANCE_BYTES, ST_TORCH, row_bytes, tensors_layout
 
 FORMAT = "actdata-store"
 VERSION = 1

@@ -29,8 +29,7 @@ import torch
 from ..wire import DTYPES, NUMPY, PROVENANCE, row_bytes
 from .catalog import open_store
 from .datasets_dir import DatasetBlocks
-from .format import (DATA_START, Shard, Store, StoreError, check_header, filesystem, read_header,
-                     verify_shard)
+from .format import DATA_START, Shard, Store, StoreError, check_header, filesystem, read_header, verify_shard
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 4 << 20  # rows yielded at a time

@@ -24,10 +24,19 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..wire import DTYPES, NUMPY, PROVENANCE, PROVENANCE_BYTES, row_bytes
 from ..stats import RunningStats
-from .format import (DATA_START, check_compatible, describe, filesystem, manifest_name, read_manifest,
-                     shard_header, shard_name, stats_to_json)
+from ..wire import DTYPES, NUMPY, PROVENANCE, PROVENANCE_BYTES, row_bytes
+from .format import (
+    DATA_START,
+    check_compatible,
+    describe,
+    filesystem,
+    manifest_name,
+    read_manifest,
+    shard_header,
+    shard_name,
+    stats_to_json,
+)
 
 log = logging.getLogger(__name__)
 
