@@ -372,7 +372,8 @@ def validate(cfg: Config) -> None:
         _check(not st.write, "store.write", "cannot write the store that generator.source=store replays")
     if st.write:
         _check(bool(st.path), "store.path", "store.write=true needs a directory: set store.path=DIR")
-    _check(st.shard_rows is None or st.shard_rows >= 1, "store.shard_rows", f"must be null or >= 1, got {st.shard_rows}")
+    _check(st.shard_rows is None or st.shard_rows >= 1, "store.shard_rows",
+           f"must be null or >= 1, got {st.shard_rows}")
     _check(st.max_bytes is None or st.max_bytes >= 1, "store.max_bytes", f"must be null or >= 1, got {st.max_bytes}")
     _check(st.queue_mb >= 1, "store.queue_mb", f"must be >= 1, got {st.queue_mb}")
     _check(st.passes is None or st.passes >= 1, "store.passes", f"must be null or >= 1, got {st.passes}")

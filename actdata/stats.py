@@ -49,7 +49,8 @@ class RunningStats:
     def merge(self, other: "RunningStats") -> "RunningStats":
         """Fold another generator's statistics into these (in place); returns self."""
         if other.sample_shape != self.sample_shape:
-            raise ValueError(f"cannot merge statistics of rows {list(other.sample_shape)} into {list(self.sample_shape)}")
+            raise ValueError(f"cannot merge statistics of rows {list(other.sample_shape)} "
+                             f"into {list(self.sample_shape)}")
         if other.count:
             self._fold(other.count, other.mean, other.m2, other.sq_norm_sum, other.norm_sum)
         return self

@@ -191,8 +191,8 @@ def main() -> int:
             c.stop()
         r["start_s"], r["load"] = started, load()
         results[n] = r
-        print(f"N={n}: started in {started:.1f} s; rows/s per window {[round(x) for x in r['rates']]}; load {r['load']}",
-              flush=True)
+        print(f"N={n}: started in {started:.1f} s; rows/s per window {[round(x) for x in r['rates']]}; "
+              f"load {r['load']}", flush=True)
 
     one = statistics.median(results[min(results)]["rates"]) if 1 in results else None
     print(f"\nserve-once rows/s delivered to one DataLoader (N workers), {a.rate:g} rows/s per node's generator, "

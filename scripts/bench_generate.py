@@ -244,8 +244,9 @@ def main():
             return ""
         return f"{num}/{den} = {m[num] / m[den]:.2f}" + (f" (target >= {target})" if target else "")
 
-    notes = {"c": [ratio("c", "a'", 1.0), ratio("c", "a")], "c'": [ratio("c'", "a'"), ratio("c'", "a")], "d0": [ratio("d0", "b'"), ratio("d0", "b")],
-             "d": [ratio("d", "b'", 1.1), ratio("d", "b")], "e": [ratio("e", "b'")], "bh": [ratio("bh", "b'")], "dt": [ratio("dt", "d0")],
+    notes = {"c": [ratio("c", "a'", 1.0), ratio("c", "a")], "c'": [ratio("c'", "a'"), ratio("c'", "a")],
+             "d0": [ratio("d0", "b'"), ratio("d0", "b")], "d": [ratio("d", "b'", 1.1), ratio("d", "b")],
+             "e": [ratio("e", "b'")], "bh": [ratio("bh", "b'")], "dt": [ratio("dt", "d0")],
              "p": [ratio("p", "d0", 0.97)]}
     print(f"\nSmolLM2-135M (embedded), fp32 unless noted, torch threads={args.threads}, batch {args.batch} x "
           f"{args.ctx}, medians of {args.reps} reps x {args.batches} batches (steady state)")

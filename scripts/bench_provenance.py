@@ -63,7 +63,8 @@ def main() -> None:
     for k in fetch:
         gbps = m[k] * (row_bytes + (16 if k == "provenance" else 0)) / 1e9
         note = f"provenance/plain = {m['provenance'] / m['plain']:.2f} (goal >= 0.9)" if k == "provenance" else ""
-        print(f"{k:12s} {m[k]:10,.0f} {min(rates[k]):9,.0f}..{max(rates[k]):<9,.0f} {gbps:6.2f} {gbps / lo:10.2f}  {note}")
+        print(f"{k:12s} {m[k]:10,.0f} {min(rates[k]):9,.0f}..{max(rates[k]):<9,.0f} {gbps:6.2f} "
+              f"{gbps / lo:10.2f}  {note}")
 
 
 if __name__ == "__main__":

@@ -300,7 +300,8 @@ def main() -> None:
         step = 0.008
         fetch, loop = overlap_rates(url, k, batches, step)
         ratios.append((f"0 workers, 8 ms step: loop / max(fetch {fetch * 1e3:.1f} ms, step)", loop / max(fetch, step)))
-        print(f"DataLoader(ds), 0 workers, 8 ms step: loop {loop * 1e3:.1f} ms/batch, fetch alone {fetch * 1e3:.1f} ms; "
+        print(f"DataLoader(ds), 0 workers, 8 ms step: loop {loop * 1e3:.1f} ms/batch, "
+              f"fetch alone {fetch * 1e3:.1f} ms; "
               f"loop / (fetch + step) = {loop / (fetch + step):.2f} (1.00 = no overlap), loop / max(fetch, step) = "
               f"{loop / max(fetch, step):.2f} (1.00 = full overlap)", flush=True)
 
@@ -338,7 +339,8 @@ def main() -> None:
             rows_out.append((f"actdata: CLT 4096x[2,12,768] fp16, DataLoader {w} workers", g, g * 1e9 / clt_bytes))
             print(rows_out[-1], flush=True)
 
-    with ServerProcess(["+preset=test", "generator.source=synthetic", "buffer.size=100000", "buffer.min_fill=0.2"]) as srv:
+    with ServerProcess(["+preset=test", "generator.source=synthetic", "buffer.size=100000",
+                        "buffer.min_fill=0.2"]) as srv:
         wait_full(srv.url, 0.9)
         limits.sample()
         g = dataloader_rate(srv.url, k, 2, batches, reps, local=False)

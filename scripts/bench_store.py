@@ -220,7 +220,8 @@ def main() -> None:
         print(f"generator rows/s off {off} on {on}; throttled off {toff} on {ton}", flush=True)
         rows += [("limit: filesystem sequential write + fsync", f"{fs_w:.2f} GB/s", ""),
                  ("limit: filesystem sequential read, cold", f"{fs_r:.2f} GB/s", ""),
-                 ("store write (statistics + CRC-32 on)", f"{statistics.median(sw):.2f} GB/s (spread {min(sw):.2f}-{max(sw):.2f})",
+                 ("store write (statistics + CRC-32 on)",
+                  f"{statistics.median(sw):.2f} GB/s (spread {min(sw):.2f}-{max(sw):.2f})",
                   f"{ratio:.2f} x fs write, median of per-rep ratios (goal >= 0.7)"),
                  ("store write, statistics off", f"{statistics.median(sw_nostats):.2f} GB/s",
                   f"{ratio_ns:.2f} x fs write"),
@@ -247,8 +248,10 @@ def main() -> None:
             cold = dataloader_rate(srv.url, BATCH, 2, batches, a.reps)
         print(f"dataloader synthetic {syn:.2f} replay warm {warm:.2f} cold {cold:.2f}", flush=True)
         rows += [("DataLoader 2 workers, synthetic server (serve-once)", f"{syn:.2f} GB/s", ""),
-                 ("DataLoader 2 workers, replay server, page cache", f"{warm:.2f} GB/s", f"{warm / syn:.2f} x synthetic (goal >= 0.9)"),
-                 ("DataLoader 2 workers, replay server, cold shards", f"{cold:.2f} GB/s", f"{cold / syn:.2f} x synthetic (goal >= 0.9)")]
+                 ("DataLoader 2 workers, replay server, page cache", f"{warm:.2f} GB/s",
+                  f"{warm / syn:.2f} x synthetic (goal >= 0.9)"),
+                 ("DataLoader 2 workers, replay server, cold shards", f"{cold:.2f} GB/s",
+                  f"{cold / syn:.2f} x synthetic (goal >= 0.9)")]
 
         # -- start-up -------------------------------------------------------------------------------
         s = open_store(store)
@@ -264,8 +267,8 @@ def main() -> None:
         t1, t10 = statistics.median(t1), statistics.median(t10)
         srv1 = server_first_rows(["+preset=test", "generator.source=store", f"store.path={small}"])
         srv10 = server_first_rows(["+preset=test", "generator.source=store", f"store.path={big}"])
-        rows += [(f"replay start-up in-process, {gb1:.1f} GB vs {gb10:.1f} GB store", f"{t1 * 1e3:.0f} vs {t10 * 1e3:.0f} ms",
-                  f"{t10 / t1:.2f} x (goal <= 1.2)"),
+        rows += [(f"replay start-up in-process, {gb1:.1f} GB vs {gb10:.1f} GB store",
+                  f"{t1 * 1e3:.0f} vs {t10 * 1e3:.0f} ms", f"{t10 / t1:.2f} x (goal <= 1.2)"),
                  (f"server start to first rows, {gb1:.1f} GB vs {gb10:.1f} GB store", f"{srv1:.2f} vs {srv10:.2f} s",
                   f"{srv10 / srv1:.2f} x (goal <= 1.2)")]
     finally:

@@ -509,7 +509,8 @@ def r9() -> None:
             after = {n for n in os.listdir("/dev/shm") if n.startswith(b_base)}
             reclaimed = left and not (left & after)
             record("R9 crashed PID-1 server's files reclaimed", f"{len(left)} files left by the crash, "
-                   f"{len(left & after)} after the next start {sorted(left & after)}; first still serving: {_read_ok(a.url)}",
+                   f"{len(left & after)} after the next start {sorted(left & after)}; "
+                   f"first still serving: {_read_ok(a.url)}",
                    "all reclaimed, first unharmed", bool(reclaimed) and _read_ok(a.url))
         finally:
             c.stop()

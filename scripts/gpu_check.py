@@ -241,7 +241,8 @@ def check_free(args, report):
     del src
     gc.collect()
     after = torch.cuda.memory_allocated(args.device)
-    report(f"allocated {base / 1e6:.0f} -> {loaded / 1e6:.0f} -> {after / 1e6:.0f} MB", after - base < 0.05 * (loaded - base))
+    report(f"allocated {base / 1e6:.0f} -> {loaded / 1e6:.0f} -> {after / 1e6:.0f} MB",
+           after - base < 0.05 * (loaded - base))
 
 
 POISON = r"""

@@ -82,7 +82,8 @@ def make_cfg(model, corpus=None, sites=("resid_post",), layers=(1,), **gen):
     cfg.model.dtype = "float32"  # compared with float32 references (auto may mean bfloat16 on this CPU)
     cfg.dataset.name = corpus or "embedded"
     g = cfg.generator
-    g.source, g.sites, g.layers, g.batch_size, g.context_length = "model", list(sites), layers if layers == "all" else list(layers), 2, 16
+    g.source, g.sites, g.layers, g.batch_size, g.context_length = (
+        "model", list(sites), layers if layers == "all" else list(layers), 2, 16)
     for k, v in gen.items():
         setattr(g, k, v)
     return cfg
@@ -210,7 +211,8 @@ def test_a_bad_corpus_stops_the_source_before_its_model_loads(tiny, tmp_path, mo
     monkeypatch.setattr(pipeline, "load_model", loaded)
     monkeypatch.setattr(pipeline, "load_tokenizer", loaded)
     (tmp_path / "a.jsonl").write_text('{"content": "some words"}\n')
-    for name, key in ((str(tmp_path / "missing.jsonl"), "dataset.name"), (str(tmp_path / "a.jsonl"), "dataset.text_column")):
+    for name, key in ((str(tmp_path / "missing.jsonl"), "dataset.name"),
+                      (str(tmp_path / "a.jsonl"), "dataset.text_column")):
         with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
             ModelSource(make_cfg(tiny[1], name), "cpu", index=0, loop=False)
 

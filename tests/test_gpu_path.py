@@ -189,7 +189,8 @@ class Poisoned:
     def __iter__(self):
         yield torch.ones(2, 16), np.arange(2, dtype=np.int64), {"contexts": 1, "tokens": 2}
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered") \
-            if hasattr(torch, "AcceleratorError") else RuntimeError("CUDA error: an illegal memory access was encountered")
+            if hasattr(torch, "AcceleratorError") \
+            else RuntimeError("CUDA error: an illegal memory access was encountered")
 
 gen.make_source = lambda *a: Poisoned()
 spec = BufferSpec(sys.argv[1], 100, (16,), "float32")

@@ -90,7 +90,8 @@ def test_killed_http_processes_are_replaced_and_counted(start_server):
     before = stats(srv.url)["server"]
     assert before["http_workers"] == 2 and len(before["http_pids"]) == 2
     os.kill(before["http_pids"][0], signal.SIGKILL)
-    after = wait_for(lambda: (lambda s: s["http_restarts"] == 1 and s["http_workers"] == 2 and s)(stats(srv.url)["server"]))
+    after = wait_for(lambda: (lambda s: s["http_restarts"] == 1 and s["http_workers"] == 2 and s)(
+        stats(srv.url)["server"]))
     assert before["http_pids"][0] not in after["http_pids"] and "SIGKILL" in after["http_last_death"]
     for pid in after["http_pids"]:  # all of them: the server replaces them, it does not shut down
         os.kill(pid, signal.SIGKILL)
@@ -140,7 +141,8 @@ time.sleep(600)
 
 def _holder(path):
     """A process that creates a buffer at `path` and holds it; returns (process, buffer path)."""
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, os.path.dirname(HERE), path], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, os.path.dirname(HERE), path], stdout=subprocess.PIPE,
+                         text=True)
     return p, p.stdout.readline().strip()
 
 

@@ -145,8 +145,8 @@ def test_unwritable_state_dir_is_a_one_line_config_error(tmp_path):
 
 # -- through real servers ------------------------------------------------------------------------------
 
-TWO_SYNTHETIC = ["+preset=test", "generator.source=synthetic", "server.generators_per_device=2", "generator.statistics=true",
-                 "generator.provenance=true", "buffer.size=1024", "buffer.min_fill=1.0"]
+TWO_SYNTHETIC = ["+preset=test", "generator.source=synthetic", "server.generators_per_device=2",
+                 "generator.statistics=true", "generator.provenance=true", "buffer.size=1024", "buffer.min_fill=1.0"]
 
 
 def wait_counts_settle(client, timeout=60):

@@ -180,7 +180,8 @@ def test_a_server_stops_when_the_process_that_started_it_dies(how):
 
     start = ('env={"ACTDATA_EXIT_WITH_PARENT": "1"}' if how == "watch" else "die_with_parent=True")
     code = ("import time\nfrom actdata.serving.process import ServerProcess\n"
-            f"srv = ServerProcess(['+preset=test', 'generator.source=synthetic', 'generator.state_dir=null'], {start})\n"
+            "srv = ServerProcess(['+preset=test', 'generator.source=synthetic', "
+            f"'generator.state_dir=null'], {start})\n"
             "print(srv.proc.pid, flush=True)\ntime.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

@@ -68,7 +68,8 @@ def test_writer_shards_manifest_and_replay_round_trip(tmp_path):
     assert st["state"] == "closed" and st["rows"] == 1024 and st["rows_not_stored"] == 0
     s = open_store(str(tmp_path))
     assert [sh.rows for sh in s.shards] == [300, 300, 300, 124] and s.sample_shape == (64,)
-    assert sorted(os.listdir(tmp_path)) == ["manifest-g00000.json"] + [f"shard-g00000-00000{i}.safetensors" for i in range(4)]
+    assert sorted(os.listdir(tmp_path)) == (["manifest-g00000.json"]
+                                            + [f"shard-g00000-00000{i}.safetensors" for i in range(4)])
     assert all(verify_shard(s, sh) is None for sh in s.shards)
     # statistics describe exactly the stored rows
     rows = make_rows(torch.arange(1024), (64,), torch.float32)
@@ -92,7 +93,8 @@ def test_writer_shards_manifest_and_replay_round_trip(tmp_path):
     # two generators partition the shards
     a = sum(sh.rows for sh in StoreSource(s, 0, 2).mine)
     b = sum(sh.rows for sh in StoreSource(s, 1, 2).mine)
-    assert a + b == 1024 and {sh.file for sh in StoreSource(s, 0, 2).mine}.isdisjoint(sh.file for sh in StoreSource(s, 1, 2).mine)
+    assert a + b == 1024 and {sh.file for sh in StoreSource(s, 0, 2).mine}.isdisjoint(
+        sh.file for sh in StoreSource(s, 1, 2).mine)
 
 
 def test_generators_share_a_directory_and_a_writer_continues(tmp_path):
@@ -117,7 +119,8 @@ ids, st = write_synthetic({str(tmp_path)!r}, 8, shard_rows=1000)
 print(st["state"], st["rows"], st["rows_not_stored"], st["error"])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=os.path.dirname(__file__), env={**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.path.dirname(__file__)})
+                         cwd=os.path.dirname(__file__),
+                         env={**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.path.dirname(__file__)})
     assert out.returncode == 0, out.stderr
     state, rows, lost, *err = out.stdout.split()
     assert state == "stopped:" or state.startswith("stopped"), out.stdout
@@ -254,7 +257,8 @@ def test_inspect_command(tmp_path):
     write_synthetic(tmp_path, 3)
     out = subprocess.run([sys.executable, "-m", "actdata.store", str(tmp_path), "--verify"], capture_output=True,
                          text=True, timeout=60)
-    assert out.returncode == 0 and "rows: 384" in out.stdout and "all match" in out.stdout and "statistics" in out.stdout
+    assert (out.returncode == 0 and "rows: 384" in out.stdout and "all match" in out.stdout
+            and "statistics" in out.stdout)
     shard = sorted(p for p in os.listdir(tmp_path) if p.startswith("shard"))[0]
     with open(tmp_path / shard, "r+b") as f:
         f.seek(5000)

@@ -51,7 +51,8 @@ def select_nodes(nodes: list[dict], c: ClusterConfig) -> list[dict]:
     chosen = [n for n in alive if n["Resources"].get(c.nodes, 0) > 0]
     if not chosen:
         labels = sorted({k for n in alive for k in n["Resources"]
-                         if not k.startswith(("node:", "accelerator_type:")) and k not in ("memory", "object_store_memory")})
+                         if not k.startswith(("node:", "accelerator_type:"))
+                         and k not in ("memory", "object_store_memory")})
         raise ConfigError(f"cluster.nodes: no alive node has the resource {c.nodes!r} (resources in the cluster: "
                           f"{', '.join(labels)}); start nodes with `ray start --resources='{{\"{c.nodes}\": 1}}'`")
     return chosen

@@ -50,7 +50,8 @@ class Progress:
         self.totals = {k: int(self.saved.get(k, 0)) for k in ("contexts", "tokens", "rows")}
         self.stats = None
         if statistics_enabled(cfg):
-            self.stats = (self.state.load_stats(spec.sample_shape) if self.state else None) or RunningStats(spec.sample_shape)
+            self.stats = ((self.state.load_stats(spec.sample_shape) if self.state else None)
+                          or RunningStats(spec.sample_shape))
         self._published = 0.0
         self.publish_stats(force=True)
 

@@ -156,7 +156,8 @@ def check_buffer(cfg: Config, plan: Plan) -> None:
     b = cfg.buffer
     if b.sample_shape is not None:
         raise ConfigError(f"buffer.sample_shape: only for the synthetic source; with a model the row shape "
-                          f"follows from the model and generator.sites/layers (here {list(plan.shape)}); set it to null")
+                          f"follows from the model and generator.sites/layers (here {list(plan.shape)}); "
+                          "set it to null")
     if b.activation_dim is not None and int(b.activation_dim) != plan.full[2]:
         raise ConfigError(f"buffer.activation_dim: {b.activation_dim} contradicts the model's width "
                           f"{plan.full[2]} for generator.sites={list(cfg.generator.sites)}; set it to null or "

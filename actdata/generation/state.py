@@ -123,7 +123,8 @@ class GeneratorState:
                         self.g, self.G, self.path, e)
             return None
         if not isinstance(st, dict) or st.get("version") != VERSION or (st.get("g"), st.get("G")) != (self.g, self.G):
-            log.warning("generator %d/%d: ignoring the foreign state file %s; starting fresh", self.g, self.G, self.path)
+            log.warning("generator %d/%d: ignoring the foreign state file %s; starting fresh",
+                        self.g, self.G, self.path)
             return None
         if st.get("identity") != json.loads(json.dumps(self.identity)):
             log.warning("generator %d/%d: the state in %s belongs to another config (%s); starting fresh",
@@ -135,7 +136,8 @@ class GeneratorState:
 
     def save(self, **fields) -> None:
         """Write the state atomically (temp file + rename; no fsync: a power cut may lose recent saves)."""
-        st = {"version": VERSION, "identity": self.identity, "g": self.g, "G": self.G, "saved_at": time.time(), **fields}
+        st = {"version": VERSION, "identity": self.identity, "g": self.g, "G": self.G, "saved_at": time.time(),
+              **fields}
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(st, f)

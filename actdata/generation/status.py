@@ -28,13 +28,14 @@ class Status:
         self.path, self.interval, self._last = sidefiles.generator_status(spec.path, name), interval, 0.0
         self.d = {"name": name, "pid": os.getpid(), "device": device, "source": source, "state": "loading",
                   "tokens_per_s": 0.0, "rows_per_s": 0.0, "rows_written": 0, "contexts": 0, "tokens": 0,
-                  "corpus_passes": 0, "rows_overflowed": 0, "restarts": 0, "last_error": None, "started_at": time.time(),
-                  "updated_at": time.time()}
+                  "corpus_passes": 0, "rows_overflowed": 0, "restarts": 0, "last_error": None,
+                  "started_at": time.time(), "updated_at": time.time()}
         self._window: list[tuple[float, int, int]] = []
         prev = read_json(self.path)  # a previous process of this worker slot that died: carry its history
         if prev and prev.get("pid") != os.getpid() and prev.get("state") not in ("stopped",):
             self.d["restarts"] = prev.get("restarts", 0) + 1
-            self.d["last_error"] = prev.get("death") or prev.get("last_error") or f"worker process {prev.get('pid')} died"
+            self.d["last_error"] = (prev.get("death") or prev.get("last_error")
+                                    or f"worker process {prev.get('pid')} died")
 
     def update(self, force: bool = False, **kw) -> None:
         """Merge `kw` and publish (at most every `interval` s unless forced). Never raises: a status

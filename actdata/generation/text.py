@@ -212,7 +212,8 @@ class TokenBlocks:
                     first = skip_tokens if (epoch, idx) == (self.start["pass"], skip_docs) else 0
                     yield epoch, idx, (list(tokens) + sep)[first:], first
 
-            for text in self._docs(self.d, epoch, self.g, self.G) if self.G > 1 or self.g else self._docs(self.d, epoch):
+            for text in (self._docs(self.d, epoch, self.g, self.G) if self.G > 1 or self.g
+                         else self._docs(self.d, epoch)):
                 n_docs += 1
                 if epoch == self.start["pass"] and n_docs <= skip_docs:
                     continue  # consumed before the saved position

@@ -107,8 +107,8 @@ class RemoteActivationDataset(IterableDataset):
     """Batches `[batch_size, *sample_shape]` read from one or more actdata servers (see the module docstring
     for the DataLoader forms). Keeps only configuration: urls (None = $ACTDATA_URL or localhost:8000),
     batch_size (None = min(4096, the server's per-request maximum, half its buffer)), max_batches,
-    max_samples, dtype (None = as served; else converted on the client), api_key (else $ACTDATA_API_KEY), timeout (seconds per
-    socket operation), retry_for_s (seconds of retrying before an error), rcvbuf (SO_RCVBUF bytes; None =
+    max_samples, dtype (None = as served; else converted on the client), api_key (else $ACTDATA_API_KEY), timeout
+    (seconds per socket operation), retry_for_s (seconds of retrying before an error), rcvbuf (SO_RCVBUF bytes; None =
     kernel autotuning), rank / world_size (None = from torch.distributed or $RANK / $WORLD_SIZE), local
     (False = HTTP even on the server's host), provenance (True = each batch is a `ProvenanceBatch`
     (activations, token_ids, positions, doc_ids), read from the same-host buffer or over HTTP; the server needs

@@ -92,8 +92,8 @@ class SameHostReader:
 
     def read(self, out: torch.Tensor, wait_s: float, provenance: Optional[dict] = None) -> torch.Tensor:
         """Fill `out` [k, *sample_shape] with k claimed rows (and the tensors of `provenance`,
-        {"token_ids", "positions", "doc_ids"} [k], with their origin, when given); waits while fewer than k are ready (or the
-        buffer is below min_fill) for up to `wait_s` seconds, then raises SameHostGone, as it does at once
+        {"token_ids", "positions", "doc_ids"} [k], with their origin, when given); waits while fewer than k are ready
+        (or the buffer is below min_fill) for up to `wait_s` seconds, then raises SameHostGone, as it does at once
         when the server's process or file is gone (rows left in a dead server's memory are not served)."""
         k, deadline, sleep = len(out), time.monotonic() + wait_s, self.poll_s
         if not self.alive():  # one stat call: rows left in a stopped server's memory are not served

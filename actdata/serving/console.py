@@ -59,7 +59,8 @@ def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event)
                 log.warning("freed %d rows claimed by a process that died mid-write or mid-read", n)
         try:
             st = buffer.stats()
-            gens = " ".join(f"{g['name']}:{g['state']}" + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
+            gens = " ".join(f"{g['name']}:{g['state']}"
+                            + (f"({g['tokens_per_s']:,.0f} tok/s)" if g["tokens_per_s"] else "")
                             for g in read_statuses(buffer.spec))
         except Exception as e:  # noqa: BLE001
             log.error("status read failed: %s", e)
@@ -68,7 +69,8 @@ def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event)
             target = max(1, int(st["min_fill"] * st["capacity"]))
             frac = min(1.0, st["ready"] / target)
             bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-            line = f"filling [{bar}] {st['ready']:,}/{target:,} rows to min_fill | {st['writes_per_s']:,.0f} rows/s | {gens}"
+            line = (f"filling [{bar}] {st['ready']:,}/{target:,} rows to min_fill | "
+                    f"{st['writes_per_s']:,.0f} rows/s | {gens}")
             if tty:
                 print("\r" + line[:160], end="", file=sys.stderr, flush=True)
             elif time.time() - last_line >= 5:

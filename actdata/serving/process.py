@@ -43,7 +43,8 @@ class ServerProcess:
 
         self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "actdata.serve", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {}), **({EXIT_WITH_PARENT: "1"} if die_with_parent else {})},
+                                     env={**os.environ, **(env or {}),
+                                          **({EXIT_WITH_PARENT: "1"} if die_with_parent else {})},
                                      start_new_session=True,
                                      preexec_fn=_pdeathsig if die_with_parent else None)
         self.url, self.port = None, None

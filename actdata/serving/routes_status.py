@@ -66,7 +66,8 @@ def add_health_routes(app, ctx: RouteContext) -> None:
         st = buffer.stats()
         st["generators"] = read_statuses(spec)
         http = http_processes(ctx)
-        st["server"] = {"pid": os.getpid(), "http_workers": http["alive"], "http_workers_configured": http["configured"],
+        st["server"] = {"pid": os.getpid(), "http_workers": http["alive"],
+                        "http_workers_configured": http["configured"],
                         "http_pids": http["pids"], "http_restarts": http["restarts"],
                         "http_last_death": http["last_death"], "uptime_s": time.time() - ctx.started,
                         "max_samples_per_request": ctx.limits.max_rows, "max_samples_json": ctx.limits.max_json,

@@ -64,7 +64,8 @@ def filesystem(path: str):
 
 def shard_header(n: int, shape: tuple, dtype: str, extras: dict[str, np.ndarray]) -> bytes:
     """The safetensors header (length + JSON, space-padded to DATA_START) for n rows followed by extras."""
-    specs = [("rows", DTYPES[dtype], (n, *shape))] + [(k, torch.from_numpy(a).dtype, a.shape) for k, a in extras.items()]
+    specs = ([("rows", DTYPES[dtype], (n, *shape))]
+             + [(k, torch.from_numpy(a).dtype, a.shape) for k, a in extras.items()])
     prefix, _, _ = tensors_layout(specs, {"format": FORMAT, "version": VERSION})
     text = prefix[8:]  # the JSON, whose trailing spaces are padding
     if len(text) > DATA_START - 8:
@@ -143,7 +144,8 @@ def describe(cfg: Config, shape: tuple, g: int, G: int) -> dict:
             "dataset": {"name": cfg.dataset.name, "config": cfg.dataset.config, "split": cfg.dataset.split}
             if gen.source == "model" else None,
             "sites": list(gen.sites) if gen.source == "model" else None,
-            "layers": (gen.layers if isinstance(gen.layers, str) else list(gen.layers)) if gen.source == "model" else None,
+            "layers": (gen.layers if isinstance(gen.layers, str) else list(gen.layers))
+            if gen.source == "model" else None,
             "context_length": gen.context_length if gen.source == "model" else None,
             "dtype": cfg.buffer.dtype, "sample_shape": list(shape), "row_bytes": row_bytes(shape, cfg.buffer.dtype),
             "generator": g, "generators": G}

@@ -119,7 +119,8 @@ class StoreWriter:
         data = rows.reshape(k, -1).to(DTYPES[self.dtype])
         data = (data.clone() if data.data_ptr() == rows.data_ptr() else data).contiguous()
         item = (data, None if origin is None else np.array(origin[:k], np.int64),
-                None if provenance is None else {n: np.array(provenance[n][:k], NUMPY[t]) for n, t in PROVENANCE.items()})
+                None if provenance is None
+                else {n: np.array(provenance[n][:k], NUMPY[t]) for n, t in PROVENANCE.items()})
         nbytes = k * self.row_bytes
         with self._cond:
             t0 = None
