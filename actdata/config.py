@@ -39,7 +39,7 @@ class ServerConfig:
     node_rank: int = 0  # this server's index among num_nodes servers sharing one corpus (a cluster)
     num_nodes: int = 1  # generator g of G: g = node_rank * local generators + worker index
     generators_per_device: int = 1  # generator workers per device (2 on the CPU: two disjoint corpus shares)
-    # Hostile-load limits, per HTTP process (see actdata/httpguard.py and README "Reliability")
+    # Hostile-load limits, per HTTP process (see actdata/serving/httpguard.py and README "Reliability")
     max_header_bytes: int = 65536  # request head larger than this: 431, closed while it is being read
     header_timeout_s: float = 10.0  # request head not complete this long after connecting: 408, closed
     keep_alive_s: float = 5.0  # idle keep-alive connections closed after this

@@ -10,7 +10,7 @@ i of N runs the ordinary server (`python -m actdata.serve` with the same overrid
 numbering) in its own process group; the server gets SIGTERM if its actor dies, and the actor exits if
 its server dies, so that Ray restarts the pair (`cluster.max_restarts`) with the same node rank.
 
-On the head, in this process: the directory (actdata.directory), told each server's URL as soon as its
+On the head, in this process: the directory (actdata.cluster.directory), told each server's URL as soon as its
 actor reports it, and the supervision loop (every 0.25 s: each actor's `info()`, asked again a second
 after its last answer). Ctrl-C / SIGTERM stops the servers, the actors and the directory.
 """

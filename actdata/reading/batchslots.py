@@ -125,7 +125,7 @@ class BatchPool:
 
     def empty(self, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
-        with self._lock:  # read-ahead threads of a worker (actdata.dataset) ask at once
+        with self._lock:  # read-ahead threads of a worker (actdata.reading.readahead) ask at once
             slot = self._slot(nbytes) if nbytes and self.usable else None
             if slot is not None:
                 slot.worker_holds = True

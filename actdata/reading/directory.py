@@ -1,6 +1,6 @@
 """Trainers' side of a cluster: find the servers behind a directory URL and keep reading when one dies.
 
-No Ray here (nor anything of the serving side): a directory is plain HTTP (see actdata.directory).
+No Ray here (nor anything of the serving side): a directory is plain HTTP (see actdata.cluster.directory).
 
 - `is_directory(url)`: `GET /` answers `"kind": "actdata-directory"` (a server's `GET /` has no such kind).
 - `DirectoryClient(url)`: `health()`, `servers()`, `serving_urls()`; a server URL given here raises

@@ -2,7 +2,7 @@
 
 When a trainer runs beside the server (the common single-GPU box), the TCP hop is pure overhead. The
 server publishes in `GET /stats` (`server.same_host`) its buffer file, a host identity
-(`actdata.buffer.host_identity`), its main process's pid, the random nonce in the buffer's header and
+(`actdata.host.host_identity`), its main process's pid, the random nonce in the buffer's header and
 the layout it computed.
 `open_same_host(published)` attaches to that file only when all of these hold, and otherwise says why:
 

@@ -5,7 +5,7 @@ shard (sorted by name), shuffles its shards per pass with (store.seed, pass), an
 rows in batches straight from a memory map of the file (no copy until the buffer's own write), with
 origin and, when the shard has them, provenance arrays in info["provenance"]. Each batch carries its
 position (pass, shard index in the pass's order, row after it), which the generator saves like a model
-source's (actdata.position): a restarted server continues the replay pass where it stopped. Each shard's
+source's (actdata.generation.state): a restarted server continues the replay pass where it stopped. Each shard's
 CRC-32 is checked by a prefetch thread the first time this process uses it, while the previous shard is
 served (so a cold shard is read from disk ahead of use; shards are immutable, so later passes trust it and
 only hint read-ahead): a shard that fails is logged, skipped for good, counted in the status, and none of
@@ -159,7 +159,7 @@ class StoreSource:
 
 def _start_position(start: Optional[dict]) -> tuple[int, int, int]:
     """(pass, shard index in that pass's order, row in that shard) to continue from: a saved position
-    (generator.state_dir, actdata.position) or the beginning (1, 0, 0)."""
+    (generator.state_dir, actdata.generation.state) or the beginning (1, 0, 0)."""
     pos = (start or {}).get("position")
     try:
         p, i, r = int(pos["pass"]), int(pos["shard"]), int(pos["row"])
