@@ -23,7 +23,7 @@ from .guard import Guard
 from .litserve_compat import ActdataLitServer
 from .metrics import MetricsMiddleware, ServingMetrics
 from .metrics import render as render_metrics
-from .worker import GeneratorWorker
+from .worker import STOP_GRACE_S, STORE_FLUSH_S, GeneratorWorker
 
 
 def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
@@ -44,6 +44,7 @@ def build_server(cfg: Config, buffer: SharedActivationBuffer, metrics: ServingMe
                               workers_per_device=cfg.server.generators_per_device, timeout=30, track_requests=False,
                               restart_workers=True)  # a killed generator worker is started again (supervisor)
     worker.local_generators = len(server.devices) * cfg.server.generators_per_device  # before the workers spawn
+    server.worker_grace_s = STORE_FLUSH_S if cfg.store.write else STOP_GRACE_S
     server.strip_app()
     app = server.app
     add_routes(app, buffer, cfg)

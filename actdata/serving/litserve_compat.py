@@ -19,7 +19,7 @@ import litserve as ls
 from starlette.middleware.gzip import GZipMiddleware
 
 SUPPORTED = ((0, 2, 19), (0, 3, 0))  # [from, to): the versions whose private API this module was written for
-STOP_WAIT_S = 3.0  # children still alive this long after SIGTERM are killed
+STOP_WAIT_S = 3.0  # children still alive this long after SIGTERM are killed (plus the workers' own grace)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -40,6 +40,7 @@ check_version()
 
 class ActdataLitServer(ls.LitServer):
     http_workers: dict = {}
+    worker_grace_s = 0.0  # how long a generator worker may take to leave after SIGTERM
 
     def __init__(self, worker: ls.LitAPI, **kw):
         super().__init__(worker, **kw)
@@ -100,7 +101,7 @@ class ActdataLitServer(ls.LitServer):
         for p in procs:
             if p.is_alive():
                 p.terminate()
-        deadline = time.monotonic() + STOP_WAIT_S
+        deadline = time.monotonic() + STOP_WAIT_S + self.worker_grace_s
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
         for p in procs:

@@ -18,6 +18,7 @@ from ..shm import BufferSpec, sidefiles
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 0.5  # a generator worker told to stop leaves after at most this long (see GeneratorWorker.setup)
+STORE_FLUSH_S = 10.0  # ... or this long while it writes a store: its queued rows and open shard reach the disk
 
 
 def _thread_lock_for_progress_bars() -> None:
@@ -72,13 +73,15 @@ class GeneratorWorker(ls.LitAPI):
         self._thread.start()
 
         # SIGTERM: stop the loop (it flushes the store's open shard and saves the statistics), then leave
-        # within STOP_GRACE_S even if it has not finished: the handler runs once this process's main
-        # thread gets the interpreter back. Nothing is lost by leaving early: slots it was writing are
-        # reclaimed by the server (or removed with the buffer on a stop) and the corpus position was saved
-        # before each batch. Ctrl-C reaches the whole process group: the server stops its workers itself.
+        # within the grace even if it has not finished. Leaving early loses nothing of the buffer (claimed
+        # slots are reclaimed, the corpus position was saved before each batch), but a store's queued rows
+        # would be lost, so a store writer gets longer. Ctrl-C reaches the whole process group: the server
+        # stops its workers itself.
+        grace = STORE_FLUSH_S if self.cfg.store.write else STOP_GRACE_S
+
         def _exit(signum, frame):
             self._stop.set()
-            self._thread.join(timeout=STOP_GRACE_S)
+            self._thread.join(timeout=grace)
             os._exit(0)
 
         signal.signal(signal.SIGTERM, _exit)
