@@ -48,9 +48,13 @@ def wheel_env(tmp_path_factory):
     return wheel, py, work
 
 
-def run(py, work, code, env=None, timeout=120):
+# the suite may run with the checkout on PYTHONPATH: the wheel's environment must not see it
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def run(py, work, code, timeout=120):
     return subprocess.run([str(py), "-c", textwrap.dedent(code)], cwd=work, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=CLEAN_ENV)
 
 
 def test_the_wheel_carries_the_presets_and_every_subpackage(wheel_env):
@@ -71,7 +75,8 @@ def test_the_installed_wheel_serves_and_the_base_install_reads(wheel_env):
     server = subprocess.Popen(
         [str(py), "-m", "actdata.serve", "+preset=test", "generator.source=synthetic", "generator.state_dir=null",
          "server.port=0", "server.log_file=null", f"server.ready_file={work}/ready.json", "buffer.size=2000"],
-        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=CLEAN_ENV)
     try:
         reader = f"""
             import importlib.abc, json, sys, time
@@ -104,6 +109,6 @@ def test_the_installed_wheel_serves_and_the_base_install_reads(wheel_env):
 def test_the_checkout_is_not_needed_for_a_bad_config_line(wheel_env):
     _, py, work = wheel_env
     out = subprocess.run([str(py), "-m", "actdata.serve", "+preset=test", "buffer.size=-5"], cwd=work,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=CLEAN_ENV)
     assert out.returncode == 2 and "buffer.size" in out.stderr and "Traceback" not in out.stderr
 

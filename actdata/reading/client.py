@@ -146,6 +146,16 @@ class ActivationClient:
         self._limits = ServerLimits.from_stats(self.get_stats())
         return self._limits
 
+    def _max_rows(self, wanted: int) -> int:
+        """Rows one tensor request may ask for; `wanted` where the URL publishes no limits (a cluster's
+        directory, which answers the request itself with a clear 409)."""
+        if self._limits is None:
+            st = self.get_stats()
+            if "sample_shape" not in st:
+                return max(1, wanted)
+            self._limits = ServerLimits.from_stats(st)
+        return self._limits.max_rows
+
     def wait_for_data(self, min_samples: int = 1, timeout: float = 60.0, check_interval: float = 0.5) -> bool:
         """Poll `GET /` until the server serves and has at least `min_samples` ready rows: True, or False
         after `timeout` seconds (unreachable counts as not ready). A 4xx raises, and so does a
@@ -180,7 +190,7 @@ class ActivationClient:
         token_ids, positions, doc_ids) instead, from safetensors bodies; the server must run with
         generator.provenance=true (else HTTP 422)."""
         num_samples = int(num_samples)
-        most = (self._limits or self.limits()).max_rows
+        most = self._max_rows(num_samples)
         if provenance:
             parts = [self._reader.fetch_provenance(min(most, num_samples - a)) for a in range(0, num_samples, most)]
             return parts[0] if len(parts) == 1 else ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
