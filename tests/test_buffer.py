@@ -160,10 +160,10 @@ def test_allocation_touches_no_data_pages(tmp_path):
 def test_space_checked_before_allocating(tmp_path):
     free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
     rows = int(free // 4096) + 1_000
-    before = set(os.listdir("/dev/shm"))
+    prefix = f"actdata-space-{os.getpid()}"  # its own name: other tests may create buffers meanwhile
     with pytest.raises(BufferSpaceError, match="buffer.size"):
-        SharedActivationBuffer.create(rows, (1024,), "float32")
-    assert set(os.listdir("/dev/shm")) - before == set()  # nothing allocated (others may vanish)
+        SharedActivationBuffer.create(rows, (1024,), "float32", prefix=prefix)
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []  # nothing allocated
 
 
 def test_file_backed_buffer_and_attach(tmp_path):

@@ -80,21 +80,27 @@ def _serve(*args, cwd=None):
                           timeout=120, cwd=cwd)
 
 
+def _allocated(prefix: str) -> list[str]:
+    """Files of this test's own buffer prefix in /dev/shm (other tests may create buffers meanwhile)."""
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
 def test_cli_bad_value_stops_before_allocating(tmp_path):
-    before = set(os.listdir("/dev/shm"))
-    r = _serve("+preset=test", "generator.source=synthetic", "buffer.size=-5", "server.log_file=null", cwd=tmp_path)
+    prefix = f"actdata-badvalue-{os.getpid()}"
+    r = _serve("+preset=test", "generator.source=synthetic", "buffer.size=-5", "server.log_file=null",
+               f"buffer.prefix={prefix}", cwd=tmp_path)
     assert r.returncode == 2
     assert "buffer.size" in r.stderr and "Traceback" not in r.stderr
-    assert set(os.listdir("/dev/shm")) - before == set()  # nothing allocated (others may vanish)
+    assert _allocated(prefix) == []
 
 
 def test_cli_buffer_larger_than_shm_is_a_clear_error(tmp_path):
-    before = set(os.listdir("/dev/shm"))
+    prefix = f"actdata-toolarge-{os.getpid()}"
     r = _serve("+preset=test", "generator.source=synthetic", "buffer.size=100000000", "buffer.activation_dim=4096",
-               "server.log_file=null", cwd=tmp_path)
+               "server.log_file=null", f"buffer.prefix={prefix}", cwd=tmp_path)
     assert r.returncode == 2
     assert "buffer.size" in r.stderr and "GB free" in r.stderr and "Traceback" not in r.stderr
-    assert set(os.listdir("/dev/shm")) - before == set()  # nothing allocated (others may vanish)
+    assert _allocated(prefix) == []
 
 
 def test_cli_type_error_names_the_key(tmp_path):
