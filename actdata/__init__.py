@@ -12,7 +12,6 @@ __all__ = ["RemoteActivationDataset", "ActivationClient", "ProvenanceBatch", "Se
            "ActivationServerError", "ServerUnavailable", "NotADirectory", "ActivationDataModule"]
 
 
-
 def __getattr__(name):  # plain import statements, so that the layering test sees every edge
     if name == "RemoteActivationDataset":
         from .reading.dataset import RemoteActivationDataset as value
