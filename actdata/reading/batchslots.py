@@ -1,10 +1,9 @@
 """Batch memory of DataLoader workers: shared memory the main process maps once and a worker reuses.
 
 A DataLoader worker hands each batch to the main process through shared memory. Torch's own way makes a
-fresh shared segment per batch: creating, faulting in and freeing 12.6 MB of new shared memory cost a
-worker more than reading the batch off the socket (about 40 % of a worker's time, measured with two
-workers). `BatchPool` keeps a few segments ("slots") per worker instead and reuses a slot once both
-processes are done with the batch in it:
+fresh shared segment per batch, and creating, faulting in and freeing megabytes of new shared memory
+costs a worker more than reading the batch off the socket. `BatchPool` keeps a few segments ("slots")
+per worker instead and reuses a slot once both processes are done with the batch in it:
 
     worker                                          main process
     pool.empty(shape, dtype) -> a free slot as a    _rebuild: the first time a slot arrives its fd comes
@@ -47,9 +46,8 @@ _libc = None
 
 
 def populate(t: torch.Tensor) -> None:
-    """Fault in a fresh shared tensor's pages in one system call (best effort). Touching 12.6 MB of new
-    shared memory page by page costs ~8 ms of page faults during the socket read; populated in advance,
-    ~3 ms (measured on the 2-core machine)."""
+    """Fault in a fresh shared tensor's pages in one system call (best effort): page by page, the faults
+    would land inside the socket read and slow it."""
     global _libc
     nbytes = t.numel() * t.element_size()
     if nbytes < (1 << 20) or not sys.platform.startswith("linux"):

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 
 import torch
 from fastapi.responses import Response, StreamingResponse
@@ -87,6 +88,16 @@ class MemoryBudget:
             idle = self.used == 0
         if idle and n >= 8 << 20:
             _trim_heap()
+
+    @contextmanager
+    def held(self, n: int):
+        """The n bytes taken for an answer being built: given back here if building it fails; the
+        response built gives them back once it is sent."""
+        try:
+            yield
+        except BaseException:
+            self.give(n)
+            raise
 
 
 def _trim_heap() -> None:

@@ -55,22 +55,18 @@ def add_tensor_route(app, ctx: RouteContext) -> None:
         if not await budget.wait_take(cost, cfg.server.retry_after_s):
             return ctx.busy(cost)
         try:
-            if provenance:  # one safetensors body: rows and provenance gathered into place
-                t, filled = _provenance_body(ctx, num_samples)
-                body, media = filled.numpy().data, wire.SAFETENSORS_MEDIA_TYPE
-                headers = {wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"}
-                pool.lend(t, body)
-            else:
-                t, out = pool.rows(num_samples, spec.sample_shape, buffer.data.dtype)
-                _, rows = buffer.read(num_samples, out=out)
-                (body, headers), media = wire.encode(rows), wire.MEDIA_TYPE
+            with budget.held(cost):
+                if provenance:  # one safetensors body: rows and provenance gathered into place
+                    t, filled = _provenance_body(ctx, num_samples)
+                    body, media = filled.numpy().data, wire.SAFETENSORS_MEDIA_TYPE
+                    headers = {wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"}
+                else:
+                    t, out = pool.rows(num_samples, spec.sample_shape, buffer.data.dtype)
+                    _, rows = buffer.read(num_samples, out=out)
+                    (body, headers), media = wire.encode(rows), wire.MEDIA_TYPE
                 pool.lend(t, body)
         except NotReady as e:
-            budget.give(cost)
             return ctx.not_ready(e)
-        except BaseException:
-            budget.give(cost)
-            raise
         # this HTTP process, as index/count (LitServe sets the index on the app before forking each one)
         headers[wire.PROCESS] = f"{getattr(app, 'response_queue_id', 0)}/{cfg.server.workers}"
         return BudgetedResponse(content=body, media_type=media, headers=headers, budget=budget, cost=cost)
@@ -96,16 +92,13 @@ def add_json_route(app, ctx: RouteContext) -> None:
         if not budget.take(cost):
             return ctx.busy(cost)
         try:
-            if spec.provenance:
-                ids, rows, prov = buffer.read_provenance(num_samples)
-            else:
-                ids, rows = buffer.read(num_samples)
+            with budget.held(cost):
+                if spec.provenance:
+                    ids, rows, prov = buffer.read_provenance(num_samples)
+                else:
+                    ids, rows = buffer.read(num_samples)
         except NotReady as e:
-            budget.give(cost)
             return ctx.not_ready(e)
-        except BaseException:
-            budget.give(cost)
-            raise
         meta = {"shape": list(rows.shape), "dtype": spec.dtype, "num_samples": len(ids), "indices": ids.tolist(),
                 "buffer_stats": buffer.stats()}
         if prov is not None:  # generator.provenance=true: token id, position and context id of each row

@@ -79,8 +79,8 @@ RATE_WINDOW_S = 5.0
 
 
 def _distinct(a: np.ndarray) -> int:
-    """Distinct values of a non-empty array: np.unique costs 0.47 ms for 4,096 int64 (inside the buffer's
-    lock on every read), a sort and a comparison 0.04 ms."""
+    """Distinct values of a non-empty array, by a sort and a comparison: this runs inside the buffer's
+    lock on every read, where np.unique costs ten times as much."""
     s = np.sort(a)
     return int(np.count_nonzero(s[1:] != s[:-1])) + 1
 

@@ -1,7 +1,7 @@
 """Mapping a buffer's pages ahead of use, so that neither its writer nor its readers pay page faults.
 
-A write into a never-touched page pays a fault (allocate, zero, map): a first fill ran ~40x slower than a
-refill. `populate_in_background` (the generator calls it as it attaches, before its model has loaded,
+A write into a never-touched page pays a fault (allocate, zero, map), which makes a first fill far slower
+than a refill. `populate_in_background` (the generator calls it as it attaches, before its model has loaded,
 when the buffer's space was reserved: a sparse buffer allocates slot by slot instead) allocates and maps
 the rows ahead of the writer in daemon threads, in chunks: MADV_HUGEPAGE first (2 MB pages where the
 backing allows them), then MADV_POPULATE_WRITE per chunk (Linux >= 5.14; contents untouched, safe beside a
@@ -39,9 +39,9 @@ def _data_range(buffer) -> tuple[int, int]:
 
 def prefault(buffer, chunk_bytes: int = 64 << 20, pause_s: float = 0.001,
              stop: Optional[threading.Event] = None) -> None:
-    """Map every row into this process's page table ahead of use, chunk by chunk. A reader's first touch
-    of each page otherwise costs a minor fault (4096 random rows of a 3 GB buffer: 19 ms lazily, 4.7 ms
-    populated). Meant for a background thread of each reading process; a no-op where the kernel lacks it."""
+    """Map every row into this process's page table ahead of use, chunk by chunk, so that a reader's
+    random gathers do not pay a minor fault on their first touch of each page. Meant for a background
+    thread of each reading process; a no-op where the kernel lacks it."""
     libc = ctypes.CDLL(None, use_errno=True)
     base, end = _data_range(buffer)
     for start in range(base, end, chunk_bytes):
@@ -56,7 +56,7 @@ def prefault(buffer, chunk_bytes: int = 64 << 20, pause_s: float = 0.001,
 def populate(buffer, stop=None, chunk_bytes: int = 32 << 20, part: int = 0, parts: int = 1) -> int:
     """Allocate and map the row pages of this process's mapping, chunks part, part + parts, ...; returns
     bytes done. Stops early when `stop` is set. On tmpfs each chunk is first allocated with fallocate
-    (it reserves the memory) and then mapped: together ~15 % faster than MADV_POPULATE_WRITE alone."""
+    (which also reserves the memory) and then mapped, which is faster than MADV_POPULATE_WRITE alone."""
     start, end = _data_range(buffer)
     spec = buffer.spec
     fs = backing_fs(spec.path)
