@@ -25,8 +25,9 @@ def group_pids(pgid: int) -> list[int]:
     return out
 
 
-def shm_files(pid: int, directory: str = "/dev/shm") -> list[str]:
-    return [n for n in os.listdir(directory) if n.startswith(f"actdata-{pid}-")]
+def shm_files(pid: int, directory: str = "/dev/shm", prefix: str = "actdata") -> list[str]:
+    """Buffer files (and side files) of the server with this pid."""
+    return [n for n in os.listdir(directory) if n.startswith(f"{prefix}-{pid}-")]
 
 
 @pytest.fixture

@@ -219,7 +219,9 @@ def test_sigterm_stops_every_process_and_unlinks_shm(start_server):
 
 
 def test_sigkill_leftovers_are_reclaimed_by_the_next_start(start_server):
-    srv = start_server()
+    # a prefix of its own: a server started by another test meanwhile reclaims only the default prefix's files
+    prefix = f"actdata-sigkill-{os.getpid()}"
+    srv = start_server(f"buffer.prefix={prefix}")
     pid = srv.proc.pid
     os.kill(pid, signal.SIGKILL)
     srv.proc.wait(timeout=10)
@@ -227,9 +229,9 @@ def test_sigkill_leftovers_are_reclaimed_by_the_next_start(start_server):
     while group_pids(pid) and time.time() < deadline:  # children die with their parent
         time.sleep(0.1)
     assert group_pids(pid) == []
-    assert shm_files(pid)  # SIGKILL gives no chance to clean up ...
-    srv2 = start_server()
-    assert shm_files(pid) == []  # ... the next start does
+    assert shm_files(pid, prefix=prefix)  # SIGKILL gives no chance to clean up ...
+    srv2 = start_server(f"buffer.prefix={prefix}")
+    assert shm_files(pid, prefix=prefix) == []  # ... the next start does
     assert "reclaimed" in srv2.log_tail()
 
 
