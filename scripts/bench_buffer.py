@@ -26,7 +26,8 @@ import time
 import torch
 from bench_serve import memcpy_gbps  # the limit, measured the same way as in every bench script
 
-from actdata.shm.buffer import SharedActivationBuffer
+from actdata.shm import SharedActivationBuffer
+from actdata.shm.pages import populate
 
 
 def fill(buf: SharedActivationBuffer, rows: torch.Tensor) -> float:
@@ -79,7 +80,7 @@ def main():
 
         buf = SharedActivationBuffer.create(args.rows, (args.dim,))
         t0 = time.perf_counter()
-        done = buf.populate()
+        done = populate(buf)
         r["populate"].append(done / (time.perf_counter() - t0) / 1e9)
         r["after"].append(fill(buf, rows))
         buf.close()

@@ -192,8 +192,10 @@ class ActivationClient:
         num_samples = int(num_samples)
         most = self._max_rows(num_samples)
         if provenance:
+            if num_samples <= most:  # also a bad count: the server's 422 says what is wrong with it
+                return self._reader.fetch_provenance(num_samples)
             parts = [self._reader.fetch_provenance(min(most, num_samples - a)) for a in range(0, num_samples, most)]
-            return parts[0] if len(parts) == 1 else ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+            return ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
         t0 = time.perf_counter()
         if num_samples <= most:
             t, _ = self._reader.fetch(num_samples)

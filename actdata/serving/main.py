@@ -52,9 +52,11 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def serve(cfg: Config) -> None:
+def serve(cfg: Config, release_on_exit: bool = False) -> None:
     """Run the server until interrupted. Raises ConfigError / BufferSpaceError before allocating, and
-    SystemExit(1) after a fatal stop (see Supervisor), so a service manager restarts it."""
+    SystemExit(1) after a fatal stop (see Supervisor), so a service manager restarts it. `release_on_exit`
+    (the command line): the buffer file's pages are freed once this process has exited, not during the
+    stop; a caller that goes on running keeps the default, which frees them before returning."""
     from ..shm import SharedActivationBuffer
     from ..shm.segment import SHM_DIR, reclaim_stale
     from .httpguard import Limits, guarded_protocol
@@ -131,7 +133,8 @@ def serve(cfg: Config) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         log.info("stopping: terminating child processes and removing %s", buffer.spec.path)
         kill_descendants()
-        release_after_exit(buffer.spec.path)
+        if release_on_exit:  # the command line exits right after: the kernel frees it there
+            release_after_exit(buffer.spec.path)
         buffer.close()
         if cfg.server.ready_file:
             try:
@@ -194,7 +197,7 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _main(node) -> None:
         try:
-            serve(to_config(node))
+            serve(to_config(node), release_on_exit=True)
             _exit_now(0)
         except SystemExit as e:
             _exit_now(e.code if isinstance(e.code, int) else 1)
