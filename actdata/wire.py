@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -158,31 +158,63 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     return body.numpy().tobytes()
 
 
-def decode_tensors(body: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """({name: tensor}, metadata) from a safetensors body; tensors share memory with a writable body."""
+class TensorEntry(NamedTuple):
+    """One tensor of a safetensors header: dtype, shape and byte range after the header."""
+
+    dtype: torch.dtype
+    shape: tuple
+    begin: int
+    end: int
+
+
+def _ints(x) -> bool:
+    """x is a list of non-negative integers (not booleans)."""
+    return isinstance(x, list) and all(type(v) is int and v >= 0 for v in x)
+
+
+def parse_header(text: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """({name: TensorEntry}, metadata) from the JSON of a safetensors header; WireError saying what is
+    wrong with a malformed one (a response body and a store shard are read through this alike)."""
     import json
 
+    try:
+        header = json.loads(text)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise WireError(f"the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise WireError(f"the safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise WireError("the safetensors header's __metadata__ is not an object")
+    out = {}
+    for name, h in header.items():
+        if not (isinstance(h, dict) and h.get("dtype") in ST_TORCH and _ints(h.get("shape"))
+                and _ints(h.get("data_offsets")) and len(h["data_offsets"]) == 2):
+            raise WireError(f"the safetensors header's entry {name!r} is not a tensor entry")
+        dtype, shape, (a, b) = ST_TORCH[h["dtype"]], tuple(h["shape"]), h["data_offsets"]
+        if b - a != math.prod(shape) * dtype.itemsize:
+            raise WireError(f"the safetensors header's entry {name!r}: offsets {[a, b]} do not fit its shape "
+                            f"{list(shape)}")
+        out[name] = TensorEntry(dtype, shape, a, b)
+    return out, metadata
+
+
+def decode_tensors(body: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({name: tensor}, metadata) from a safetensors body; tensors share memory with a writable body."""
     if len(body) < 8:
         raise WireError("safetensors body shorter than its 8-byte header length")
     n = int.from_bytes(bytes(body[:8]), "little")
     if 8 + n > len(body):
         raise WireError(f"safetensors header of {n} bytes exceeds the body ({len(body)} bytes)")
-    try:
-        header = json.loads(bytes(body[8:8 + n]))
-    except ValueError as e:
-        raise WireError(f"bad safetensors header: {e}") from None
+    entries, metadata = parse_header(bytes(body[8:8 + n]))
     if isinstance(body, bytes):
         body = bytearray(body)
     raw = torch.frombuffer(body, dtype=torch.uint8) if len(body) else torch.empty(0, dtype=torch.uint8)
-    metadata = header.pop("__metadata__", None) or {}
     out = {}
-    for name, h in header.items():
-        if h.get("dtype") not in ST_TORCH:
-            raise WireError(f"tensor {name!r}: unknown safetensors dtype {h.get('dtype')!r}")
-        a, b = (8 + n + int(x) for x in h["data_offsets"])
-        dtype, shape = ST_TORCH[h["dtype"]], tuple(int(s) for s in h["shape"])
-        if b > len(body) or b - a != math.prod(shape) * dtype.itemsize:
-            raise WireError(f"tensor {name!r}: offsets {h['data_offsets']} do not fit its shape or the body")
+    for name, (dtype, shape, a, b) in entries.items():
+        a, b = 8 + n + a, 8 + n + b
+        if b > len(body):
+            raise WireError(f"tensor {name!r}: its bytes end past the body ({b} > {len(body)})")
         part = raw[a:b]
         if a % dtype.itemsize:  # not aligned for a view: copy
             part = part.clone()

@@ -9,22 +9,6 @@ NO_RESUME = "generator.state_dir=null"
 SYNTHETIC = ["+preset=test", "generator.source=synthetic", NO_RESUME]
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
 def shm_files(pid: int, directory: str = "/dev/shm", prefix: str = "actdata") -> list[str]:
     """Buffer files (and side files) of the server with this pid."""
     return [n for n in os.listdir(directory) if n.startswith(f"{prefix}-{pid}-")]

@@ -20,9 +20,9 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import group_pids
 
 from actdata.generation.synthetic import verify_rows
+from actdata.host import group_pids
 from actdata.reading.client import ActivationClient, ActivationServerError
 from actdata.reading.dataset import RemoteActivationDataset, make_loader
 from actdata.reading.directory import DirectoryClient, NotADirectory

@@ -6,10 +6,11 @@ import time
 import pytest
 import requests
 import torch
-from conftest import group_pids, shm_files
+from conftest import shm_files
 
 from actdata import wire
 from actdata.generation.synthetic import verify_rows
+from actdata.host import group_pids
 
 
 def get_tensor(url, n, **kw):

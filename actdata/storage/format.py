@@ -18,18 +18,26 @@ manifest or shard header before anything relies on it; `verify_shard` checks one
 from __future__ import annotations
 
 import json
-import math
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..config import Config, ConfigError
 from ..stats import RunningStats
-from ..wire import DTYPE_NAMES, DTYPES, PROVENANCE, PROVENANCE_BYTES, ST_TORCH, row_bytes, tensors_layout
+from ..wire import (
+    DTYPE_NAMES,
+    DTYPES,
+    PROVENANCE,
+    PROVENANCE_BYTES,
+    TensorEntry,
+    parse_header,
+    row_bytes,
+    tensors_layout,
+)
 
 FORMAT = "actdata-store"
 VERSION = 1
@@ -73,14 +81,6 @@ def shard_header(n: int, shape: tuple, dtype: str, extras: dict[str, np.ndarray]
     return (DATA_START - 8).to_bytes(8, "little") + text.ljust(DATA_START - 8)
 
 
-class TensorEntry(NamedTuple):
-    """One tensor of a shard header: its dtype, shape and byte range after DATA_START."""
-    dtype: torch.dtype
-    shape: tuple
-    begin: int
-    end: int
-
-
 def read_header(f) -> dict[str, TensorEntry]:
     """The tensors of a shard's safetensors header; ValueError saying what is wrong with a malformed one."""
     raw = f.read(8)
@@ -91,25 +91,7 @@ def read_header(f) -> dict[str, TensorEntry]:
     text = f.read(n)
     if len(text) < n:
         raise ValueError(f"the shard ends inside its header ({8 + len(text)} bytes)")
-    try:
-        head = json.loads(text)
-    except ValueError as e:  # UnicodeDecodeError included
-        raise ValueError(f"the shard header is not JSON ({e})") from None
-    if not isinstance(head, dict):
-        raise ValueError(f"the shard header is a JSON {type(head).__name__}, not an object")
-    out = {}
-    for name, h in head.items():
-        if name == "__metadata__":
-            continue
-        ok = (isinstance(h, dict) and h.get("dtype") in ST_TORCH and _ints(h.get("shape"), 0)
-              and _ints(h.get("data_offsets"), 0) and len(h["data_offsets"]) == 2)
-        if not ok:
-            raise ValueError(f"the shard header's entry {name!r} is not a safetensors tensor entry")
-        dtype, shape, (a, b) = ST_TORCH[h["dtype"]], tuple(h["shape"]), h["data_offsets"]
-        if b - a != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"the shard header's entry {name!r}: offsets {[a, b]} do not fit its shape {list(shape)}")
-        out[name] = TensorEntry(dtype, shape, a, b)
-    return out
+    return parse_header(text)[0]  # a WireError is a ValueError
 
 
 def check_header(head: dict[str, TensorEntry], shard: Shard, sample_shape: tuple, dtype: str) -> None:
