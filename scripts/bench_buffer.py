@@ -3,7 +3,8 @@ the pages ahead of it (SharedActivationBuffer.populate_in_background) gives back
 
   limit      memcpy GB/s of this machine, measured now (method of shared/tools/limits.py)
   create     SharedActivationBuffer.create of a small and of the benchmarked buffer (start-up vs size)
-  touched    refill: write every row again into pages already written (refresh() frees them)
+  touched    refill: write every row again into pages already written (refresh() frees them), the scatter
+             on actdata.shm.scatter's threads; "one thread" is the same with the caller's thread alone
   fresh      first fill of a new buffer, pages faulted in by the writer itself (before issue 10)
   populated  first fill of a new buffer while populate_in_background runs from its creation on
              (the writer starts at once: no head start, the worst case for the populating thread)
@@ -14,7 +15,7 @@ the pages ahead of it (SharedActivationBuffer.populate_in_background) gives back
 Writes go through SharedActivationBuffer.write in batches of --batch rows, to random free slots, as
 the generator writes them. GB/s = row bytes written / wall time; medians of --reps fresh buffers each.
 
-    python scripts/bench_buffer.py [--rows 300000] [--dim 768] [--batch 4096] [--reps 3] [--head-start 2.0]
+    python scripts/bench_buffer.py [--rows 300000] [--dim 768] [--batch 4096] [--reps 3] [--head-start 2.0] [--quick]
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import time
 import torch
 from bench_serve import memcpy_gbps  # the limit, measured the same way as in every bench script
 
-from actdata.shm import SharedActivationBuffer
+from actdata.shm import SharedActivationBuffer, scatter
 from actdata.shm.pages import populate
 
 
@@ -47,13 +48,16 @@ def main():
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--head-start", type=float, default=2.0)
+    ap.add_argument("--quick", action="store_true", help="150,000 rows, 2 reps")
     args = ap.parse_args()
+    if args.quick:
+        args.rows, args.reps = 150_000, 2
     torch.set_num_threads(1)
     rows = torch.randn(args.batch, args.dim)
     gb = args.rows * args.dim * 4 / 1e9
     load0 = os.getloadavg()[0]
     limit = memcpy_gbps()
-    r = {k: [] for k in ("create_small", "create", "touched", "fresh", "populated", "head", "after", "populate")}
+    r = {k: [] for k in ("create_small", "create", "touched", "one", "fresh", "populated", "head", "after", "populate")}
     for _ in range(args.reps):
         t0 = time.perf_counter()
         SharedActivationBuffer.create(1000, (args.dim,)).close()
@@ -65,6 +69,10 @@ def main():
         r["fresh"].append(fill(buf, rows))
         buf.refresh()
         r["touched"].append(fill(buf, rows))
+        n, scatter.threads = scatter.threads, 1
+        buf.refresh()
+        r["one"].append(fill(buf, rows))
+        scatter.threads = n
         buf.close()
 
         buf = SharedActivationBuffer.create(args.rows, (args.dim,))
@@ -94,7 +102,11 @@ def main():
     print(f"{'create, 1,000 rows':58s} {1e3 * m['create_small']:8.2f}ms")
     print(f"{'create, benchmarked size':58s} {1e3 * m['create']:8.2f}ms   "
           f"{'':13s}   {m['create'] / m['create_small']:.2f} x the small one")
-    for k, name in (("touched", "refill (pages touched)"), ("fresh", "first fill, no populating (before)"),
+    print(f"copy threads for a large batch: {scatter.shares(args.batch, args.dim * 4)} "
+          f"(actdata.shm.scatter, {os.cpu_count()} cores)")
+    for k, name in (("touched", "refill (pages touched), goal >= 0.7 of memcpy"),
+                    ("one", "refill (pages touched), one copy thread (before)"),
+                    ("fresh", "first fill, no populating (before)"),
                     ("populated", "first fill, populating from creation, no head start"),
                     ("head", f"first fill, populating, {args.head_start:g} s head start"),
                     ("after", "first fill once populating has finished"),

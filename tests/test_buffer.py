@@ -240,3 +240,31 @@ def test_claims_of_dead_processes_are_reclaimed():
         st = buf.stats()
         assert (st["writing"], st["reading"], st["free"], st["ready"]) == (5, 0, 65, 30)
         assert (buf.states()[mine] == WRITING).all()
+
+
+def test_large_batches_are_copied_by_several_threads_small_ones_by_the_caller():
+    """A batch of large rows is scattered by a few threads (each a contiguous share), every row still in the
+    slot its origin was committed with; a small batch never starts a copy thread."""
+    import threading
+
+    from actdata.shm import scatter
+
+    def copy_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("actdata-scatter")]
+
+    threads0 = scatter.threads
+    scatter.threads = 3  # three shares whatever this machine's core count
+    try:
+        with SharedActivationBuffer.create(10_000, (16,), "float32") as small:
+            small.write(make_rows(torch.arange(64), (16,), torch.float32), np.arange(64))
+            assert not copy_threads()
+        with SharedActivationBuffer.create(12_000, (2048,), "float32") as buf:
+            n = 4096  # 32 MiB: three shares
+            buf.write(make_rows(torch.arange(n), (2048,), torch.float32), np.arange(n))
+            assert copy_threads()
+            ids, epoch = buf.claim_ready(n)
+            got, ok = verify_rows(buf.data[torch.from_numpy(ids)])
+            assert ok.all() and got.tolist() == buf._origin[ids].tolist()
+            buf.release(ids, epoch)
+    finally:
+        scatter.threads = threads0

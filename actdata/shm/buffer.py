@@ -73,6 +73,7 @@ from .layout import (
 )
 from .lock import ProcessLock
 from .pages import Populator, prefault
+from .scatter import scatter
 from .segment import BufferSpaceError
 
 RATE_WINDOW_S = 5.0
@@ -282,7 +283,7 @@ class SharedActivationBuffer:
                 ids = ids[ok]
             if len(ids):
                 part = rows[done:done + len(ids)].to(self.data.dtype).reshape(len(ids), -1).contiguous()
-                self._bytes[ids] = part.view(torch.uint8).numpy()  # one memcpy per row, no thread pool
+                scatter(self._bytes, ids, part.view(torch.uint8).numpy())
                 if self._prov is not None:
                     for name, arr in self._prov.items():
                         arr[ids] = -1 if provenance is None else provenance[name][done:done + len(ids)]
