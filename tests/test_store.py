@@ -268,6 +268,59 @@ def test_inspect_command(tmp_path):
     assert out.returncode == 1 and f"BAD {shard}" in out.stdout
 
 
+def test_shards_carry_a_crc32c_and_version_1_stores_with_crc32_still_read_and_verify(tmp_path):
+    """New shards name their checksum (CRC-32C) in the manifest; a version-1 store (zlib CRC-32) is still
+    opened, verified, replayed and continued, and a flipped byte in it is still caught by --verify."""
+    import zlib
+
+    ids, _ = write_synthetic(tmp_path, 5)  # 640 rows: shards of 300, 300, 40
+    m = json.load(open(tmp_path / "manifest-g00000.json"))
+    assert m["version"] == 2 and all(isinstance(s["crc32c"], int) and "crc32" not in s for s in m["shards"])
+    for s in m["shards"]:  # rewrite as the version-1 format wrote it
+        with open(tmp_path / s["file"], "rb") as f:
+            f.seek(4096)
+            s["crc32"] = zlib.crc32(f.read())
+        del s["crc32c"]
+    m["version"] = 1
+    json.dump(m, open(tmp_path / "manifest-g00000.json", "w"))
+    s = open_store(str(tmp_path))
+    assert [sh.crc_kind for sh in s.shards] == ["crc32"] * 3 and all(verify_shard(s, sh) is None for sh in s.shards)
+    got = [i for rows, _, _ in StoreSource(s, passes=1, idle=False) for i in row_ids(rows).tolist()]
+    assert collections.Counter(got) == collections.Counter(ids)
+    write_synthetic(tmp_path, 1)  # a writer continues the old store: old entries keep their CRC-32
+    s = open_store(str(tmp_path))
+    assert [sh.crc_kind for sh in s.shards] == ["crc32"] * 3 + ["crc32c"] and s.rows == 768
+    assert all(verify_shard(s, sh) is None for sh in s.shards)
+    first = s.shards[0].file
+    with open(first, "r+b") as f:
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    out = subprocess.run([sys.executable, "-m", "actdata.store", str(tmp_path), "--verify"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and f"BAD {os.path.basename(first)}: CRC-32 " in out.stdout
+
+
+def test_the_writer_takes_a_batch_reduction_from_its_caller(tmp_path):
+    """Statistics handed to put() with a batch are the shard's statistics (the writer does not reduce those
+    rows again); a batch that spans two shards is reduced by the writer, per shard."""
+    from actdata.storage.writer import batch_stats
+
+    w = StoreWriter(str(tmp_path), meta(), shard_rows=300)
+    rows = make_rows(torch.arange(256), (64,), torch.float32)
+    told = batch_stats(rows * 2, (64,))  # not these rows' statistics: shows which ones the manifest keeps
+    w.put(rows, np.arange(256), stats=told)
+    w.put(rows, np.arange(256), stats=told)  # 44 rows in shard 0, 212 in shard 1: reduced by the writer
+    w.close()
+    s = open_store(str(tmp_path))
+    want = batch_stats(rows * 2, (64,))
+    want.merge(batch_stats(rows, (64,)))
+    assert [sh.rows for sh in s.shards] == [300, 212] and s.stats.count == 512
+    np.testing.assert_allclose(s.stats.mean, want.mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(s.stats.m2, want.m2, rtol=1e-4)
+
+
 def row_hashes(t: torch.Tensor) -> list[bytes]:
     import hashlib
 

@@ -18,6 +18,7 @@ from .format import (
     filesystem,
     read_header,
     read_manifest,
+    shard_checksum,
 )
 
 
@@ -65,8 +66,9 @@ def open_store(path: Optional[str], key: str = "store.path", column: Optional[st
                 raise StoreError(f"{key}: {path}/{s['file']} (listed in {name}) is missing")
             if sizes[s["file"]] != s["bytes"]:
                 raise StoreError(f"{key}: {path}/{s['file']} is {sizes[s['file']]} bytes, {name} says {s['bytes']}")
-            shards.append(Shard(f"{root}/{s['file']}", s["rows"], s["bytes"], s.get("crc32"),
-                                s.get("provenance", False), m.fields["generator"]))
+            kind, crc = shard_checksum(s)
+            shards.append(Shard(f"{root}/{s['file']}", s["rows"], s["bytes"], crc,
+                                s.get("provenance", False), m.fields["generator"], kind))
     if not shards or not sum(s.rows for s in shards):
         raise StoreError(f"{key}: {path} holds no complete shard yet")
     shape, dtype = tuple(ms[0].fields["sample_shape"]), ms[0].fields["dtype"]

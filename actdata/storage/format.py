@@ -11,7 +11,9 @@ when the source gave provenance, the arrays of wire.PROVENANCE [n]. Its header i
 bytes so the rows start on a page boundary (a memory map reads them in place).
 A manifest names the model, revision, dataset, sites, layers, dtype, sample shape, the generator
 partition (g of G), the running statistics of exactly the rows in its shards, and the shard list with
-rows, bytes and the CRC-32 of each shard's data region. `Shard` and `Store` are what a reader learns from
+rows, bytes and the checksum of each shard's data region under a key that names its algorithm (CHECKSUMS):
+"crc32c" (hardware CRC-32C) in version 2, "crc32" (zlib) in the version-1 stores still read.
+`Shard` and `Store` are what a reader learns from
 the manifests (actdata.storage.catalog.open_store); `check_manifest` and `check_header` refuse a malformed
 manifest or shard header before anything relies on it; `verify_shard` checks one shard's data as well.
 """
@@ -40,10 +42,38 @@ from ..wire import (
 )
 
 FORMAT = "actdata-store"
-VERSION = 1
+VERSION = 2  # version 2: shards carry a CRC-32C; version 1 (zlib CRC-32) is still read and extended
+READ_VERSIONS = (1, 2)
 DATA_START = 4096  # bytes of header (8-byte length + JSON padded with spaces): rows start page-aligned
 MANIFEST_RE = re.compile(r"manifest-g(\d+)\.json$")
 SHARD_RE = re.compile(r"shard-g(\d+)-(\d+)\.safetensors$")
+
+
+def _crc32c(data, value: int = 0) -> int:
+    import google_crc32c  # noqa: PLC0415 - the server extra's; a reader of version-1 stores does without it
+
+    # it takes numpy arrays and bytes, not memoryviews: a zero-copy array over any buffer
+    return google_crc32c.extend(value, data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8))
+
+
+# A shard's checksum in its manifest entry: the key names the algorithm, the value is the checksum of the
+# data region (every byte after DATA_START) as an unsigned 32-bit integer.
+CHECKSUMS = {"crc32c": _crc32c, "crc32": zlib.crc32}
+CHECKSUM = "crc32c"  # what a writer computes
+CHECKSUM_NAMES = {"crc32c": "CRC-32C", "crc32": "CRC-32"}
+
+
+def checksum(kind: str, data, value: int = 0) -> int:
+    """The running checksum `kind` (a key of CHECKSUMS) of `value` extended by the bytes of `data`."""
+    return CHECKSUMS[kind](data, value)
+
+
+def shard_checksum(entry: dict) -> tuple[str, Optional[int]]:
+    """(algorithm, value) of a manifest's shard entry; value None when it carries no checksum."""
+    for kind in CHECKSUMS:
+        if entry.get(kind) is not None:
+            return kind, entry[kind]
+    return CHECKSUM, None
 
 
 class StoreError(ConfigError):
@@ -139,9 +169,10 @@ class Shard:
     file: str  # full path (fsspec path inside the store's filesystem)
     rows: int
     bytes: int
-    crc32: Optional[int]
+    crc: Optional[int]  # the checksum of the data region, by algorithm `crc_kind` (CHECKSUMS)
     provenance: bool
     g: int = 0
+    crc_kind: str = CHECKSUM
 
 
 @dataclass
@@ -209,8 +240,9 @@ def check_manifest(m, name: str, where: str) -> Manifest:
         raise bad(f"a JSON {type(m).__name__}, not a manifest object")
     if m.get("format") != FORMAT:
         raise bad(f"not an actdata store manifest (format {m.get('format')!r})")
-    if m.get("version") != VERSION:
-        raise bad(f"format version {m.get('version')!r}; this actdata reads version {VERSION}")
+    if m.get("version") not in READ_VERSIONS:
+        raise bad(f"format version {m.get('version')!r}; this actdata reads versions "
+                  f"{', '.join(map(str, READ_VERSIONS))}")
     dtype, shape = m.get("dtype"), m.get("sample_shape")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -242,9 +274,10 @@ def check_manifest(m, name: str, where: str) -> Manifest:
                 raise bad(f"shard {file}: {k} {s.get(k)!r} is not an integer >= 0")
         if not isinstance(s.get("provenance", False), bool):
             raise bad(f"shard {file}: provenance {s['provenance']!r} is not true or false")
-        crc = s.get("crc32")
-        if crc is not None and not (_int_at_least(crc, 0) and crc < 1 << 32):
-            raise bad(f"shard {file}: crc32 {crc!r} is not a CRC-32")
+        for kind in CHECKSUMS:
+            crc = s.get(kind)
+            if crc is not None and not (_int_at_least(crc, 0) and crc < 1 << 32):
+                raise bad(f"shard {file}: {kind} {crc!r} is not a 32-bit checksum")
         size = DATA_START + s["rows"] * (rb + 8 + (PROVENANCE_BYTES if s.get("provenance") else 0))
         if s["bytes"] != size:
             raise bad(f"shard {file}: {s['bytes']} bytes, but {s['rows']} rows of {shape} {dtype} make {size}")
@@ -276,23 +309,25 @@ def check_compatible(m: dict, want: dict, key: str, path: str) -> None:
             raise StoreError(f"{key}: the store at {path} holds rows with {k}={a!r}, this config makes {k}={b!r}")
 
 
-def verify_shard(store: Store, shard: Shard, chunk: int = 64 << 20) -> Optional[str]:
-    """None when the shard's header matches the manifest and its data CRC-32 matches; else what is wrong."""
+def verify_shard(store: Store, shard: Shard, buf: Optional[bytearray] = None) -> Optional[str]:
+    """None when the shard's header matches the manifest and its data checksum matches; else what is wrong.
+    `buf`: the chunk the data is read into (reused by a caller that verifies shard after shard)."""
     fs, _, _ = filesystem(store.path)
+    buf = bytearray(64 << 20) if buf is None else buf
     try:
         with fs.open(shard.file, "rb") as f:
             check_header(read_header(f), shard, store.sample_shape, store.dtype)
             f.seek(DATA_START)
             crc = 0
             while True:
-                b = f.read(chunk)
-                if not b:
+                n = f.readinto(buf)
+                if not n:
                     break
-                crc = zlib.crc32(b, crc)
+                crc = checksum(shard.crc_kind, memoryview(buf)[:n], crc)
     except ValueError as e:
         return str(e)
     except Exception as e:
         return f"{type(e).__name__}: {e}"
-    if shard.crc32 is not None and crc != shard.crc32:
-        return f"CRC-32 {crc:08x}, manifest says {shard.crc32:08x}"
+    if shard.crc is not None and crc != shard.crc:
+        return f"{CHECKSUM_NAMES[shard.crc_kind]} {crc:08x}, manifest says {shard.crc:08x}"
     return None

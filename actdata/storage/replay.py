@@ -6,10 +6,10 @@ rows in batches straight from a memory map of the file (no copy until the buffer
 origin and, when the shard has them, provenance arrays in info["provenance"]. Each batch carries its
 position (pass, shard index in the pass's order, row after it), which the generator saves like a model
 source's (actdata.generation.state): a restarted server continues the replay pass where it stopped. Each shard's
-CRC-32 is checked by a prefetch thread the first time this process uses it, while the previous shard is
-served (so a cold shard is read from disk ahead of use; shards are immutable, so later passes trust it and
-only hint read-ahead): a shard that fails is logged, skipped for good, counted in the status, and none of
-its rows is served. After `store.passes` passes (null = endless) the source idles.
+data is read by a read-ahead thread while the previous shard is served (so a cold shard comes from disk
+ahead of use), its checksum checked the first time this process uses it (shards are immutable, so later
+passes trust it and only read ahead): a shard that fails is logged, skipped for good, counted in the
+status, and none of its rows is served. After `store.passes` passes (null = endless) the source idles.
 
 A `datasets.Dataset.save_to_disk` directory is replayed the same way, block by block
 (actdata.storage.datasets_dir).
@@ -33,6 +33,7 @@ from .format import DATA_START, Shard, Store, StoreError, check_header, filesyst
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 4 << 20  # rows yielded at a time
+READ_AHEAD_CHUNK = 16 << 20  # what the read-ahead thread reads at a time (one buffer, reused)
 
 
 class ShardReader:
@@ -72,32 +73,37 @@ class StoreSource:
         self.mine = store.shards[g::G]
         self.verified: set[str] = set()
         self.bad: dict[str, str] = {}
+        self._chunk: Optional[bytearray] = None
         self.blocks = DatasetBlocks(store) if store.kind == "datasets" else None
         self.st = {"path": store.path, "kind": store.kind, "generator": g, "generators": G,
                    "shards": len(self.mine), "rows_per_pass": sum(s.rows for s in self.mine), "pass": 0,
                    "shard_in_pass": 0, "rows_replayed": 0, "shards_bad": 0, "bad": {}, "state": "replaying",
-                   "verify_s": 0.0}
+                   "verify_s": 0.0, "read_ahead_s": 0.0}
         if not self.mine:
             log.warning("replay: generator %d of %d has no shard of %s (%d shards); it idles", g, G, store.path,
                         len(store.shards))
 
     def _check(self, shard: Shard) -> Optional[str]:
-        """Runs a shard ahead of use (on the prefetch thread): the CRC-32 the first time (which also brings
-        a cold shard into the page cache), a read-ahead hint on later passes. None when it may be served."""
+        """Runs a shard ahead of use (on the read-ahead thread): reads its data region once, so a cold shard
+        is in the page cache before it is served, checking its checksum the first time this process uses
+        it. Memory is bounded: one reused chunk, plus the page cache of the shard being served and the next.
+        None when it may be served."""
         if self.blocks is not None:
             return None
-        if shard.file in self.verified:
-            _, _, local = filesystem(self.store.path)
-            if local:
-                try:
-                    fd = os.open(shard.file, os.O_RDONLY)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                    os.close(fd)
-                except OSError:
-                    pass
-            return None
+        if self._chunk is None:
+            self._chunk = bytearray(READ_AHEAD_CHUNK)
         t0 = time.perf_counter()
-        err = verify_shard(self.store, shard)
+        if shard.file in self.verified:
+            try:
+                fs, _, _ = filesystem(self.store.path)
+                with fs.open(shard.file, "rb") as f:
+                    while f.readinto(self._chunk):
+                        pass
+            except Exception:  # a read error shows when the shard is opened, with its name
+                pass
+            self.st["read_ahead_s"] += time.perf_counter() - t0
+            return None
+        err = verify_shard(self.store, shard, self._chunk)
         self.st["verify_s"] += time.perf_counter() - t0
         if not err:
             self.verified.add(shard.file)
@@ -112,7 +118,7 @@ class StoreSource:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix="actdata-replay-prefetch")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="actdata-replay-ahead")
         p0, i0, r0 = self.start
         p = p0 - 1
         while self.mine and (self.passes is None or p < self.passes):

@@ -2,9 +2,12 @@
 
 A shard is written under a temporary name and renamed once complete, then the manifest is rewritten to
 list it: after a crash the manifest lists exactly the complete shards (the format is actdata.storage.format).
-`StoreWriter` does the writing on its own threads behind a bounded queue: `put` returns at once unless
-`queue_mb` of rows already wait for the disk, in which case the generator waits (nothing is dropped)
-and the writer's state says so. `max_bytes` stops writing (serving goes on); so does a write error
+`StoreWriter` does the writing on its own threads behind a bounded queue: `put` copies the rows into a
+reused buffer and returns at once unless `queue_mb` of rows already wait for the disk, in which case the
+generator waits (nothing is dropped) and the writer's state says so. Nothing is read back from a shard:
+its checksum (CRC-32C) is computed over the bytes as they are written, its statistics from the batches
+in memory (or the generator's own reduction of each batch, handed to `put`).
+`max_bytes` stops writing (serving goes on); so does a write error
 (disk full): the partial shard is removed and the error is kept in the state.
 """
 from __future__ import annotations
@@ -16,7 +19,6 @@ import queue
 import tempfile
 import threading
 import time
-import zlib
 from collections import deque
 from typing import Callable, Optional
 
@@ -27,8 +29,11 @@ from ..config import Config
 from ..stats import RunningStats
 from ..wire import DTYPES, NUMPY, PROVENANCE, PROVENANCE_BYTES, row_bytes
 from .format import (
+    CHECKSUM,
     DATA_START,
+    VERSION,
     check_compatible,
+    checksum,
     describe,
     filesystem,
     manifest_name,
@@ -61,10 +66,11 @@ class StoreWriter:
 
     Kept: the shard being written (a temporary file, rows streamed into it as they arrive; its origin and
     provenance arrays in memory until it completes), the manifest's shard list and the statistics of the
-    complete shards. Three threads: the caller's `put` (copies the rows into a bounded queue), the writer
-    (appends rows to the shard file, completes it: extras, header), the publisher (CRC-32 and statistics
-    of the complete shard read back from the page cache, fsync, rename, manifest) so that computing and
-    syncing one shard overlaps writing the next. A writer continues the shards and statistics of an earlier run of
+    complete shards. Four threads: the caller's `put` (copies the rows into a reused buffer of a bounded
+    queue), the writer (appends rows to the shard file and extends its CRC-32C over them, completes it:
+    extras, header), the statistics thread (reduces each batch that has no reduction of its own, per shard;
+    hands complete shards on), the publisher (fsync, rename, manifest), so that reducing and syncing one
+    shard overlaps writing the next. A writer continues the shards and statistics of an earlier run of
     the same generator g found in `path` (if they describe the same rows)."""
 
     def __init__(self, path: str, meta: dict, shard_rows: Optional[int] = None, max_bytes: Optional[int] = None,
@@ -93,7 +99,8 @@ class StoreWriter:
         self._pending = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._cur = None  # the open shard: dict(file, tmp, local_tmp, f, rows, crc, extras, stats)
+        self._cur = None  # the open shard: dict(file, tmp, local_tmp, f, rows, crc, origin, prov)
+        self._spare: dict[int, list[torch.Tensor]] = {}  # copy buffers by row count, back from the writer
         self.st = {"path": path, "state": "writing", "generator": self.g, "shards": len(self.shards),
                    "rows": sum(s["rows"] for s in self.shards), "bytes": sum(s["bytes"] for s in self.shards),
                    "shard_rows": self.shard_rows, "queued_bytes": 0, "generator_wait_s": 0.0, "waiting": False,
@@ -101,6 +108,9 @@ class StoreWriter:
         self._write_manifest()
         self._inflight = 0  # bytes of complete shards not yet published
         self._publish_q: queue.Queue = queue.Queue(maxsize=2)
+        self._stats_q: queue.Queue = queue.Queue()  # bounded by queue_mb: every item in it holds queued bytes
+        self._red = threading.Thread(target=self._reducer, name=f"actdata-store-stats-g{self.g}", daemon=True)
+        self._red.start()
         self._pub = threading.Thread(target=self._publisher, name=f"actdata-store-publish-g{self.g}", daemon=True)
         self._pub.start()
         self._thread = threading.Thread(target=self._run, name=f"actdata-store-g{self.g}", daemon=True)
@@ -108,19 +118,27 @@ class StoreWriter:
 
     # -- generator side ---------------------------------------------------------------------------------
     def put(self, rows: torch.Tensor, origin: Optional[np.ndarray] = None, provenance: Optional[dict] = None,
-            stop: Optional[threading.Event] = None, on_wait: Optional[Callable[[], None]] = None) -> None:
-        """Queue rows [k, *shape] (copied) for the disk; waits while `queue_mb` are already queued."""
+            stop: Optional[threading.Event] = None, on_wait: Optional[Callable[[], None]] = None,
+            stats: Optional[RunningStats] = None) -> None:
+        """Queue rows [k, *shape] (copied) for the disk; waits while `queue_mb` are already queued.
+        `stats`: the statistics of exactly these rows when the caller has reduced them already (the
+        writer then does not reduce them again)."""
         k = len(rows)
         if k == 0:
             return
         if self.st["state"] != "writing":
             self.st["rows_not_stored"] += k
             return
-        data = rows.reshape(k, -1).to(DTYPES[self.dtype])
-        data = (data.clone() if data.data_ptr() == rows.data_ptr() else data).contiguous()
+        with self._cond:
+            spare = self._spare.get(k)
+            data = spare.pop() if spare else None
+        if data is None:
+            data = torch.empty(k, self.row_bytes // DTYPES[self.dtype].itemsize, dtype=DTYPES[self.dtype])
+        data.copy_(rows.reshape(k, -1))  # converts the dtype too
         item = (data, None if origin is None else np.array(origin[:k], np.int64),
                 None if provenance is None
-                else {n: np.array(provenance[n][:k], NUMPY[t]) for n, t in PROVENANCE.items()})
+                else {n: np.array(provenance[n][:k], NUMPY[t]) for n, t in PROVENANCE.items()},
+                stats if self.keep_stats else None)
         nbytes = k * self.row_bytes
         with self._cond:
             t0 = None
@@ -170,16 +188,14 @@ class StoreWriter:
                         self._fail(OSError("writing stopped"))
             except Exception as e:  # disk full, quota, lost bucket: stop writing, keep serving
                 self._fail(e)
-            with self._cond:
-                self._pending -= len(item[0]) * self.row_bytes
-                self.st["queued_bytes"] = self._pending
-                self._cond.notify_all()
+            self._stats_q.put(("release", item[0]))
         try:
             if self._cur is not None and self._cur["rows"] and self.st["state"] == "writing":
                 self._finish()
         except Exception as e:
             self._fail(e)
-        self._publish_q.put(None)
+        self._stats_q.put(None)
+        self._red.join()
         self._pub.join()
         if self._cur is not None:
             self._fail(OSError("writing stopped"))
@@ -221,10 +237,11 @@ class StoreWriter:
         local_tmp = tmp if self.local else tempfile.mkstemp(prefix="actdata-shard-")[1]
         f = open(local_tmp, "wb")
         f.seek(DATA_START)
-        self._cur = {"file": name, "tmp": tmp, "local_tmp": local_tmp, "f": f, "rows": 0, "origin": [], "prov": []}
+        self._cur = {"file": name, "tmp": tmp, "local_tmp": local_tmp, "f": f, "rows": 0, "origin": [], "prov": [],
+                     "crc": 0}
         return True
 
-    def _append(self, data: torch.Tensor, origin, prov) -> None:
+    def _append(self, data: torch.Tensor, origin, prov, stats: Optional[RunningStats]) -> None:
         done = 0
         while done < len(data):
             if self._cur is None and not self._open():
@@ -233,8 +250,11 @@ class StoreWriter:
             cur = self._cur
             take = min(len(data) - done, self.shard_rows - cur["rows"])
             part = data[done:done + take]
-            buf = part.view(torch.uint8).numpy() if part.dtype != torch.bfloat16 else part.view(torch.int16).numpy()
-            cur["f"].write(memoryview(buf).cast("B"))
+            buf = part.view(torch.uint8).numpy()
+            cur["f"].write(buf)
+            cur["crc"] = checksum(CHECKSUM, buf, cur["crc"])
+            if self.keep_stats:
+                self._stats_q.put(("rows", cur, part, stats if take == len(data) else None))
             cur["origin"].append(origin[done:done + take] if origin is not None else
                                  np.full(take, -1, np.int64))
             cur["prov"].append(None if prov is None else {n: a[done:done + take] for n, a in prov.items()})
@@ -254,7 +274,8 @@ class StoreWriter:
                 extras[n] = np.concatenate([p[n] for p in cur["prov"]])
         try:
             for arr in extras.values():
-                f.write(arr.tobytes())
+                f.write(arr)
+                cur["crc"] = checksum(CHECKSUM, arr, cur["crc"])
             cur["size"] = f.tell()
             f.seek(0)
             f.write(shard_header(cur["rows"], self.shape, self.dtype, extras))
@@ -265,29 +286,41 @@ class StoreWriter:
         cur.update(provenance=len(extras) > 1, origin=None, prov=None)
         with self._cond:
             self._inflight += cur["size"]
-        self._publish_q.put(cur)
+        self._stats_q.put(("shard", cur))
 
-    def _digest(self, cur: dict, chunk_rows: int = 4096) -> tuple[int, Optional[RunningStats]]:
-        """CRC-32 of the shard's data region and statistics of its rows, read back from the page cache
-        (the file was just written): this work overlaps the writer's next shard instead of delaying it."""
-        mm = np.memmap(cur["local_tmp"], np.uint8, mode="c", offset=DATA_START, shape=(cur["size"] - DATA_START,))
-        crc = 0
-        for a in range(0, len(mm), 64 << 20):
-            crc = zlib.crc32(mm[a:a + (64 << 20)], crc)
-        stats = None
-        if self.keep_stats:
-            stats = RunningStats(self.shape)
-            words = torch.from_numpy(mm[:cur["rows"] * self.row_bytes].view(NUMPY[DTYPES[self.dtype]]))
-            rows = (words.view(torch.bfloat16) if self.dtype == "bfloat16" else words).view(cur["rows"], *self.shape)
-            for a in range(0, cur["rows"], chunk_rows):
-                stats.merge(batch_stats(rows[a:a + chunk_rows], self.shape))
-        del mm
-        return crc, stats
+    def _reducer(self) -> None:
+        """The statistics of each shard's rows from the batches in memory, in the order they were written;
+        a complete shard goes on to the publisher once its rows are reduced; a copy buffer goes back to
+        `put` once the writer and the reduction are done with it."""
+        torch.set_num_threads(1)  # this thread only: the reductions do not contend with the generator
+        while True:
+            msg = self._stats_q.get()
+            if msg is None:
+                self._publish_q.put(None)
+                return
+            if msg[0] == "rows":
+                cur, part, given = msg[1:]
+                if "stats" not in cur:
+                    cur["stats"] = RunningStats(self.shape)
+                try:
+                    cur["stats"].merge(given if given is not None else batch_stats(part, self.shape))
+                except Exception as e:  # never expected; the manifest then says it has no statistics
+                    log.error("store %s: statistics of a batch failed (%s); the manifest keeps none", self.path, e)
+                    cur["stats_failed"] = True
+            elif msg[0] == "shard":
+                self._publish_q.put(msg[1])
+            else:  # "release"
+                data = msg[1]
+                with self._cond:
+                    spare = self._spare.setdefault(len(data), [])
+                    if len(spare) < 4:
+                        spare.append(data)
+                    self._pending -= len(data) * self.row_bytes
+                    self.st["queued_bytes"] = self._pending
+                    self._cond.notify_all()
 
     def _publisher(self) -> None:
-        """Shards in the order they were completed: CRC-32 and statistics, fsync, rename to the final name,
-        list in the manifest."""
-        torch.set_num_threads(1)
+        """Shards in the order they were completed: fsync, rename to the final name, list in the manifest."""
         while True:
             cur = self._publish_q.get()
             if cur is None:
@@ -296,7 +329,7 @@ class StoreWriter:
             try:
                 if self.st["state"].startswith("stopped"):
                     raise OSError("writing stopped")
-                crc, stats = self._digest(cur)
+                crc, stats = cur["crc"], None if cur.get("stats_failed") else cur.get("stats")
                 os.fsync(f.fileno())
                 f.close()
                 size = cur["size"]
@@ -312,15 +345,18 @@ class StoreWriter:
             finally:
                 with self._cond:
                     self._inflight -= cur["size"]
-            self.shards.append({"file": cur["file"], "rows": cur["rows"], "bytes": size, "crc32": crc,
+            self.shards.append({"file": cur["file"], "rows": cur["rows"], "bytes": size, CHECKSUM: crc,
                                 "provenance": cur["provenance"]})
-            if self.stats is not None and stats is not None:
+            if cur.get("stats_failed"):
+                self.stats = None  # statistics of only some of the stored rows would mislead
+            elif self.stats is not None and stats is not None:
                 self.stats.merge(stats)
             self.st.update(shards=len(self.shards), rows=self.st["rows"] + cur["rows"], bytes=self.st["bytes"] + size)
             self._write_manifest()
 
     def _write_manifest(self) -> None:
-        m = {**self.meta, "updated_at": time.time(), "rows": self.st["rows"], "bytes": self.st["bytes"],
+        m = {**self.meta, "version": VERSION, "updated_at": time.time(), "rows": self.st["rows"],
+             "bytes": self.st["bytes"],
              "stats": stats_to_json(self.stats) if self.stats is not None and self.stats.count else None,
              "shards": self.shards}
         text = json.dumps(m, separators=(",", ":"))
