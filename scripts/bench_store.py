@@ -7,7 +7,7 @@
 Rows of the table (768-wide float32 rows, the synthetic source; DIR defaults to the system temp dir):
   limit       sequential write (+ fsync) and read of a large file in DIR, measured now
   writing     StoreWriter GB/s for the same bytes (rows queued as fast as put() takes them; running
-              statistics and CRC-32 on); the generator loop's rows/s with store.write on / off
+              statistics and CRC-32C on); the generator loop's rows/s with store.write on / off
               (run_supervised on the synthetic source, a consumer releasing rows as fast as it can)
   replay      DataLoader GB/s (RemoteActivationDataset, 2 workers, 4096 rows a batch, serve-once, three
               buffers' worth of rows) from a replaying server / from a synthetic server, both with the buffer
@@ -230,7 +230,7 @@ def main() -> None:
             print(f"generator rows/s off {off} on {on}; throttled off {toff} on {ton}", flush=True)
             rows += [("limit: filesystem sequential write + fsync", f"{fs_w:.2f} GB/s", ""),
                      ("limit: filesystem sequential read, cold", f"{fs_r:.2f} GB/s", ""),
-                     ("store write (statistics + CRC-32 on)",
+                     ("store write (statistics + CRC-32C on)",
                       f"{statistics.median(sw):.2f} GB/s (spread {min(sw):.2f}-{max(sw):.2f})",
                       f"{ratio:.2f} x fs write, median of per-rep ratios (goal >= 0.7)"),
                      ("store write, statistics off", f"{statistics.median(sw_nostats):.2f} GB/s",
