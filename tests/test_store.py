@@ -181,6 +181,28 @@ def test_passes_repeat_in_a_new_order(tmp_path):
     assert sorted(orders) == [1, 2, 3] and len({tuple(v) for v in orders.values()}) > 1  # shuffled per pass
 
 
+def test_replay_reads_every_next_shard_ahead_and_checks_it_once(tmp_path):
+    """Each shard's checksum is checked once (first pass), and every later pass still reads each next
+    shard ahead on the read-ahead thread, not on the thread that serves the rows."""
+    import threading
+
+    write_synthetic(tmp_path, 8)  # 4 shards
+    src = StoreSource(open_store(str(tmp_path)), passes=2, idle=False)
+    reader_threads = set()
+    orig = src._check
+
+    def check(shard):
+        reader_threads.add(threading.current_thread().name)
+        return orig(shard)
+
+    src._check = check
+    served = sum(len(rows) for rows, _, _ in src)
+    st = src.status(0)
+    assert served == 2 * 1024 and src.verified == {sh.file for sh in src.mine}
+    assert st["verify_s"] > 0 and st["read_ahead_s"] > 0  # pass 1 checks, pass 2 reads ahead
+    assert reader_threads and all(n.startswith("actdata-replay-ahead") for n in reader_threads)
+
+
 def test_saelens_layout_is_served(tmp_path, start_server):
     datasets = pytest.importorskip("datasets")
     ctx, d, n = 8, 32, 40
