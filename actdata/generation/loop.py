@@ -132,7 +132,7 @@ class Generator:
             self.store.close()
             self.status.update(force=True, store_writer=self.store.state())
         try:
-            self.progress.publish_stats(force=True)
+            self.progress.close()  # the statistics thread folds what it holds; the totals are saved
         except Exception as e:  # noqa: BLE001 - stopping must not fail on a full disk
             log.warning("generator %s: could not save its statistics: %s", self.name, e)
         self.buffer.close()
@@ -168,6 +168,7 @@ class Generator:
                 self.status.d["store_replay"] = info["store"]
             self.produced += n
             self._count(n, info)
+            self.progress.settle()  # the statistics thread is done with these rows before the source reuses them
             if self.stop.is_set():
                 return
         log.warning("generator %s: source ended; restarting it", self.name)
