@@ -56,7 +56,7 @@ class BufferConfig:
     size: int = 1000  # rows (capacity)
     activation_dim: Optional[int] = None  # width of a row; null = follow the model (synthetic: 768)
     sample_shape: Optional[List[int]] = None  # synthetic source only: overrides [activation_dim]
-    dtype: str = "float32"
+    dtype: str = "float32"  # auto = the model's dtype if bfloat16/float16, else float32 (resolved at start)
     min_fill: float = 0.5  # fraction of capacity READY before serving starts
     max_reads: int = 1  # times a row is served before it is refilled (1 = serve once)
     path: Optional[str] = None  # null = POSIX shm (/dev/shm); a directory or file = memory-mapped file
@@ -331,7 +331,7 @@ def validate(cfg: Config) -> None:
     _check(s.max_json_bytes >= 4096, "server.max_json_bytes", "must be >= 4096")
 
     _check(b.size >= 1, "buffer.size", f"must be a positive number of rows, got {b.size}")
-    _check(b.dtype in DTYPES, "buffer.dtype", f"must be one of {', '.join(DTYPES)}, got {b.dtype!r}")
+    _check(b.dtype in ("auto", *DTYPES), "buffer.dtype", f"must be auto or one of {', '.join(DTYPES)}, got {b.dtype!r}")
     _check(b.activation_dim is None or b.activation_dim >= 1, "buffer.activation_dim",
            f"must be a positive width or null, got {b.activation_dim}")
     if b.sample_shape is not None:

@@ -35,10 +35,11 @@ import torch
 from .. import wire
 from ..config import Config
 from ..shm import BufferSpaceError, BufferSpec, SharedActivationBuffer
-from .placement import poisons_context
+from .placement import device_identity, poisons_context
 from .progress import Progress
 from .source import BatchInfo, RowSource
 from .status import Status
+from .threads import tokenizer_threads
 
 log = logging.getLogger(__name__)
 POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure has made unusable
@@ -122,7 +123,8 @@ class Generator:
         except BaseException as e:
             self.status.update(force=True, state="failed", last_error=f"cannot start: {type(e).__name__}: {e}")
             raise
-        self.status.update(force=True, position=self.progress.position())
+        self.status.update(force=True, position=self.progress.position(), threads=torch.get_num_threads(),
+                           tokenizer_threads=tokenizer_threads(), **device_identity(self.device))
         if self.buffer.reserved:  # map the rows ahead of this writer while the model loads; a sparse buffer
             self.buffer.populate_in_background(self.stop)  # (buffer.reserve=false) allocates slot by slot as it writes
         self.store = _open_store_writer(self.cfg, self.spec, self.index, self.count, self.status)
