@@ -89,6 +89,7 @@ class DatasetConfig:
 class GeneratorConfig:
     source: str = "synthetic"  # model | synthetic | store (replay store.path, no model loaded)
     batch_size: int = 8  # contexts per forward
+    auto_batch: bool = True  # CUDA: batch_size grows towards 32k tokens per forward within the memory estimate
     context_length: int = 128  # tokens per context, BOS included
     sites: List[str] = field(default_factory=lambda: ["resid_post"])  # named points or module.path:input|output
     layers: Any = field(default_factory=lambda: [6])  # list of block indices, or "all"

@@ -158,11 +158,26 @@ def test_buffer_dtype_auto_follows_the_model_in_the_production_presets():
     assert buffer_dtype(cfg, "cuda") == "float32"
 
 
+def test_tokens_per_forward_on_cuda_grow_within_the_memory_estimate():
+    from actdata.generation.placement import TOKENS_PER_FORWARD, forward_batch, largest_batch
+
+    cfg = Config()
+    cfg.generator.batch_size, cfg.generator.context_length = 8, 128
+    gb = 1 << 30
+    assert forward_batch(cfg, lambda b: b * gb, free=20 * gb) == 12  # 0.6 x 20 GB at 1 GB per context
+    assert forward_batch(cfg, lambda b: b * gb // 1000, free=80 * gb) == TOKENS_PER_FORWARD // 128
+    assert forward_batch(cfg, lambda b: b * gb, free=gb) == 8, "never below the configured batch"
+    assert largest_batch(cfg) == 256
+    cfg.generator.auto_batch = False
+    assert largest_batch(cfg) == 8
+
+
 # -- pinned memory ---------------------------------------------------------------------------------------
 def test_pinned_memory_is_estimated_as_the_allocator_rounds_it_for_every_generator():
     assert [pinned_block(n) for n in (0, 1, 4096, 4097, 3 << 20)] == [0, 1, 4096, 8192, 4 << 20]
     cfg = Config()
     cfg.generator.batch_size, cfg.generator.context_length, cfg.buffer.dtype = 8, 128, "bfloat16"
+    cfg.generator.auto_batch = False  # (with it, the check counts the largest batch a GPU may grow to)
     staging = 8 * 127 * 4096 * 2  # rows a batch can keep x row bytes: not a power of two
     each = pinned_bytes(cfg, 4096)
     assert each >= 5 * pinned_block(staging) > 5 * staging

@@ -48,7 +48,17 @@ from ..config import Config
 from ..stats import reduce_rows
 from ..wire import DTYPES as TORCH_DTYPES
 from .loading import load_config, load_model, load_tokenizer, meta_model
-from .placement import STAGING_BUFFERS, bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
+from .placement import (
+    STAGING_BUFFERS,
+    bind,
+    check_fits,
+    describe_dtype,
+    estimate,
+    forward_batch,
+    max_rows,
+    resolve_dtype,
+    with_batch,
+)
 from .progress import statistics_enabled
 from .sites import (
     Capture,
@@ -152,8 +162,14 @@ class ModelSource:
         plan = make_plan(cfg, meta, hf_config)
         check_buffer(cfg, plan)
         n_blocks = blocks_needed(plan, meta, int(hf_config.num_hidden_layers))
-        self.memory = estimate(cfg, hf_config, meta, n_blocks, int(np.prod(plan.full)), self.model_dtype,
-                               self.STAGING if self.threaded else 0)
+        values, staging = int(np.prod(plan.full)), self.STAGING if self.threaded else 0
+        if self.device.type == "cuda" and g.auto_batch:  # enough tokens per forward to keep the GPU busy
+            def fit(b: int, c=cfg, m=meta) -> int:
+                return estimate(with_batch(c, b), hf_config, m, n_blocks, values, self.model_dtype, staging).device
+
+            cfg = with_batch(cfg, forward_batch(cfg, fit, torch.cuda.mem_get_info(self.device)[0]))
+            g, self.cfg = cfg.generator, cfg
+        self.memory = estimate(cfg, hf_config, meta, n_blocks, values, self.model_dtype, staging)
         del meta
         check_fits(self.memory, self.device)  # before loading anything: a config that cannot fit fails here
         precision = describe_dtype(self.model_dtype, self.device)

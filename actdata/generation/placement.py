@@ -143,6 +143,41 @@ def estimate(cfg: Config, hf_config, meta: torch.nn.Module, n_blocks: Optional[i
     return Memory(weights, working, rows, pinned_bytes(cfg, row_values, staging_buffers))
 
 
+TOKENS_PER_FORWARD = 32768  # a CUDA forward of fewer tokens leaves the GPU waiting on kernel launches
+DEVICE_SHARE = 0.6  # the most of the device's free memory a grown batch may be estimated to take
+
+
+def with_batch(cfg: Config, batch_size: int) -> Config:
+    """`cfg` with generator.batch_size replaced."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, batch_size=int(batch_size)))
+
+
+def forward_batch(cfg: Config, device_bytes, free: int) -> int:
+    """generator.batch_size for a CUDA forward (generator.auto_batch): grown towards TOKENS_PER_FORWARD
+    tokens, as far as `device_bytes(batch)` (the memory estimate) stays within DEVICE_SHARE of `free`;
+    never below the configured batch_size."""
+    g = cfg.generator
+    lo, hi, best = g.batch_size + 1, max(g.batch_size, -(-TOKENS_PER_FORWARD // g.context_length)), g.batch_size
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if device_bytes(mid) <= DEVICE_SHARE * free:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best != g.batch_size:
+        log.info("generator.batch_size %d -> %d on CUDA (%d tokens per forward; generator.auto_batch)",
+                 g.batch_size, best, best * g.context_length)
+    return best
+
+
+def largest_batch(cfg: Config) -> int:
+    """The largest batch_size `forward_batch` may pick (for the parent's pinned-memory check)."""
+    g = cfg.generator
+    return max(g.batch_size, -(-TOKENS_PER_FORWARD // g.context_length)) if g.auto_batch else g.batch_size
+
+
 STAGING_BUFFERS = 5  # a CUDA generator's host staging buffers (generation.model_source)
 TOKEN_BATCHES = 6  # token batches pinned at once: the queue's 3, one being made, the launched one, the forward's
 
@@ -168,7 +203,7 @@ def pinned_bytes(cfg: Config, row_values: int, staging_buffers: int = STAGING_BU
 def check_pinned(cfg: Config, row_values: int, generators: int) -> int:
     """In the parent, before any generator starts: the pinned memory of all `generators` of this host
     (CUDA ones; 0 on the CPU) against MemAvailable; ConfigError naming the key when it does not fit."""
-    each = pinned_bytes(cfg, row_values)
+    each = pinned_bytes(with_batch(cfg, largest_batch(cfg)), row_values)
     total = generators * each
     avail = mem_available()
     if avail is not None and total > avail:
