@@ -9,7 +9,7 @@ What it keeps, per point p of a row `[*points, width]` (a squeezed row `[width]`
     norm_sum     f64 [P]    sum of L2 norms                (mean norm = norm_sum / count)
 
 A batch is reduced on its own where its rows are (`reduce_rows`: on their device, in float32 chunks shifted
-by the batch's own first-chunk mean, so no float64 copy of the rows is ever made) into `Moments`, a few
+by the mean of the batch's first rows, so no float64 copy of the rows is ever made) into `Moments`, a few
 `[points, width]` sums; `RunningStats.add` turns them into float64 mean and M2 and folds them in with Chan
 et al.'s pairwise update, so the result does not depend on how rows were batched, and two generators'
 statistics merge exactly the same way.
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 REDUCE_CHUNK = 256  # rows reduced per step: the float32 chunk and its square stay in the core's cache
+SHIFT_ROWS = 16  # the batch's first rows whose mean every row is shifted by (near the mean is enough)
 
 
 class Moments(NamedTuple):
@@ -48,7 +49,7 @@ def reduce_rows(rows: torch.Tensor, points: int, width: int, chunk: int = REDUCE
     k, P, W = len(rows), points, width
     dev = rows.device
     x = rows.reshape(k, P, W)
-    shift = x[:chunk].to(torch.float32).mean(dim=0) if k else torch.zeros(P, W, device=dev)
+    shift = x[:SHIFT_ROWS].to(torch.float32).mean(dim=0) if k else torch.zeros(P, W, device=dev)
     s1 = torch.zeros(1, P * W, dtype=torch.float32, device=dev)  # one chunk's sums, in float32
     s2 = torch.zeros(1, P * W, dtype=torch.float32, device=dev)
     t1 = torch.zeros(P * W, dtype=torch.float64, device=dev)  # the batch's, in float64

@@ -9,7 +9,8 @@ One run, ratios beside the machine's memcpy bandwidth measured in the same run (
   (c)  the consumer path alone: 4096-row batches of 2048-wide bfloat16 rows handed in as fast as possible
        (no source), through the outlier filter, the copy into a staging buffer, the saved position, the
        statistics, the buffer write to random slots; bytes/s / memcpy. Also without the filter and staging
-       copy (on CUDA those run on the device and the copy engine, not the host).
+       copy (on CUDA those run on the device and the copy engine, not the host), and with the statistics'
+       sums handed in as a GPU hands them over (reduced on the device: only the merge is left).
   (t)  the tokenizer alone on the embedded corpus with the embedded tokenizer, blocks of 8 x 128 tokens:
        before (the tokenizer's own call, 64 documents at a time, list packing, in one thread: reimplemented
        here) and now (generation.text.TokenBlocks: a pool of cores' threads, numpy packing); tokens/s.
@@ -103,8 +104,8 @@ def bench_statistics(reps: int, batches: int) -> dict:
                         old_update(prog.stats, rows)
                     else:
                         prog.before_commit(rows, info)
-                    buf.write(rows, origin)
-                    prog.settle()
+                    buf.write(rows, origin)  # no settle(): synthetic rows are fresh tensors (fresh_rows)
+                prog.settle()
                 out[mode].append(rows_per_rep / (time.perf_counter() - t0))
         for m in out:
             out[m] = out[m][1:]
@@ -121,6 +122,7 @@ def bench_consumer(reps: int, batches: int, batch_rows: int = 4096) -> dict:
     from actdata.generation.progress import Progress
     from actdata.generation.sites import OutlierFilter
     from actdata.shm import SharedActivationBuffer
+    from actdata.stats import reduce_rows
 
     g = torch.Generator().manual_seed(0)
     made = [(torch.randn(batch_rows, WIDTH, generator=g) * 2).to(torch.bfloat16) for _ in range(4)]
@@ -130,7 +132,8 @@ def bench_consumer(reps: int, batches: int, batch_rows: int = 4096) -> dict:
     prog = Progress(cfg, buf.spec, "bench-consumer", 0, 1)
     staging = torch.empty(batch_rows, WIDTH, dtype=torch.bfloat16)
     outliers = OutlierFilter(10.0)
-    out = {"full": [], "consumer": []}
+    out = {"full": [], "consumer": [], "device": []}
+    sums = [reduce_rows(m, 1, WIDTH) for m in made]  # what a GPU hands over with its rows
     ctx = 0
     try:
         for _ in range(reps + 1):
@@ -152,9 +155,11 @@ def bench_consumer(reps: int, batches: int, batch_rows: int = 4096) -> dict:
                     info = {"contexts": 8, "tokens": len(rows), "position": {"pass": 0, "documents": ctx,
                                                                                 "offset": 0},
                             "next_context": ctx}
+                    if mode == "device":
+                        info["moments"] = sums[i % len(made)]
                     prog.before_commit(rows, info)
                     buf.write(rows, origin)
-                    prog.settle()
+                    prog.settle()  # staging memory is reused by the next batch
                 out[mode].append(batch_rows * batches * WIDTH * 2 / (time.perf_counter() - t0) / 1e9)
         for m in out:
             out[m] = out[m][1:]
@@ -282,6 +287,7 @@ def main():
     c = bench_consumer(reps, 8 * scale)
     row("(c) consumer: filter+staging+state+stats+write / memcpy", c["full"], "GB/s", mc, "{:.2f}")
     row("(c) consumer: state+stats+write (device filter) / memcpy", c["consumer"], "GB/s", mc, "{:.2f}")
+    row("(c) consumer: state+write, sums from the device / memcpy", c["device"], "GB/s", mc, "{:.2f}")
     t = bench_tokenizer(reps, 100 * scale)
     before = med(t["before"])[0]
     row("(t) tokenizer before (one thread, lists)  tokens/s", t["before"], "t/s")

@@ -115,3 +115,20 @@ def test_statistics_are_on_by_default_for_every_source():
         assert statistics_enabled(cfg), source
         cfg.generator.statistics = False
         assert not statistics_enabled(cfg)
+
+
+def test_the_statistics_thread_runs_on_one_core_and_leaves_other_threads_their_share():
+    """Its ops must not start a team of every core beside the writer's copies; threads started after it
+    (a pipeline's) still get the process's share."""
+    before = torch.get_num_threads()
+    seen = {}
+    s = RunningStats((64,))
+    w = StatsWorker(s, lambda st, force: seen.setdefault("stats", torch.get_num_threads()), every_s=0.0)
+    w.reduce(torch.randn(300, 64))
+    w.settle()
+    later = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
+    later.start()
+    later.join()
+    w.close()
+    assert seen["stats"] == 1
+    assert seen["later"] == before and torch.get_num_threads() == before

@@ -161,6 +161,7 @@ class Generator:
 
     def _drain(self, source: RowSource) -> None:
         """Write every batch of `source` until it ends (then it is rebuilt) or `stop` is set."""
+        fresh = getattr(source, "fresh_rows", False)  # each batch in new memory: nothing to wait for
         for rows, origin, info in source:
             self.progress.before_commit(rows, info)
             n = self._write(rows, origin, info.get("provenance"))
@@ -170,7 +171,8 @@ class Generator:
                 self.status.d["store_replay"] = info["store"]
             self.produced += n
             self._count(n, info)
-            self.progress.settle()  # the statistics thread is done with these rows before the source reuses them
+            if not fresh:  # the statistics thread is done with these rows before the source reuses them
+                self.progress.settle()
             if self.stop.is_set():
                 return
         log.warning("generator %s: source ended; restarting it", self.name)

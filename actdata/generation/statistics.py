@@ -3,9 +3,11 @@
 `StatsWorker` owns a RunningStats. The writer hands it each batch in one of two forms:
 
 - `reduce(rows)`: rows on the CPU (synthetic, replay, a CPU model). The thread reduces them in float32
-  chunks (stats.reduce_rows, torch ops that release the GIL) while the writer copies the same rows into
-  the buffer, so the two overlap on two cores; no copy of the rows is made. The rows must stay valid until
-  `settle()` returns, which the writer calls before it asks its source for the next batch.
+  chunks (stats.reduce_rows, torch ops that release the GIL, on one core) while the writer copies the
+  same rows into the buffer, so the two overlap on two cores; no copy of the rows is made. Rows in memory
+  the source reuses must stay valid until `settle()` returns, which the writer calls before it asks such
+  a source for the next batch; a source whose rows are fresh tensors (`fresh_rows`) is not waited for,
+  and the thread may run a few batches behind (the queue's depth).
 - `add(moments)`: a batch already reduced where its rows were (on the GPU, before the copy to the host):
   only the small `[points, width]` sums travel, and the thread merges them.
 
@@ -24,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..stats import Moments, RunningStats, reduce_rows
+from .threads import one_thread_here
 
 log = logging.getLogger(__name__)
 QUEUE_DEPTH = 4  # batches (rows to reduce, or small sums) waiting for the thread
@@ -77,6 +80,7 @@ class StatsWorker:
             raise RuntimeError(f"the statistics thread failed: {type(err).__name__}: {err}") from err
 
     def _run(self) -> None:
+        one_thread_here()  # beside the writer, on a core of its own: no team of every core per op
         while True:
             item = self._q.get()
             try:
