@@ -8,18 +8,75 @@ What it keeps, per point p of a row `[*points, width]` (a squeezed row `[width]`
     sq_norm_sum  f64 [P]    sum of squared L2 norms        (mean squared norm = sq_norm_sum / count)
     norm_sum     f64 [P]    sum of L2 norms                (mean norm = norm_sum / count)
 
-A batch is reduced on its own (in float64) and folded in with Chan et al.'s pairwise update, so the result
-does not depend on how rows were batched, and two generators' statistics merge exactly the same way.
+A batch is reduced on its own where its rows are (`reduce_rows`: on their device, in float32 chunks shifted
+by the mean of the batch's first rows, so no float64 copy of the rows is ever made) into `Moments`, a few
+`[points, width]` sums; `RunningStats.add` turns them into float64 mean and M2 and folds them in with Chan
+et al.'s pairwise update, so the result does not depend on how rows were batched, and two generators'
+statistics merge exactly the same way.
 `scaling_factor` gives the usual "normalise activations" constant: sqrt(width / mean squared norm), the
 factor that makes the mean squared norm of scaled rows equal to the row width.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+
+REDUCE_CHUNK = 256  # rows reduced per step: the float32 chunk and its square stay in the core's cache
+SHIFT_ROWS = 16  # the batch's first rows whose mean every row is shifted by (near the mean is enough)
+
+
+class Moments(NamedTuple):
+    """One batch reduced where its rows are: sums of the rows shifted by `shift` (near their mean, so the
+    float32 sums lose no digits to cancellation) and of their norms. Small: [points, width] at most."""
+
+    count: int
+    shift: torch.Tensor  # f32 [P, W]
+    s1: torch.Tensor  # f64 [P, W]: sum of (x - shift)
+    s2: torch.Tensor  # f64 [P, W]: sum of (x - shift)^2
+    sq_norm_sum: torch.Tensor  # f64 [P]: sum of |x|^2
+    norm_sum: torch.Tensor  # f64 [P]: sum of |x|
+
+    def to(self, device, non_blocking: bool = False) -> "Moments":
+        """The same sums on `device` (to the CPU with non_blocking: pinned, valid once the stream is synced)."""
+        return Moments(self.count, *(t.to(device, non_blocking=non_blocking) for t in self[1:]))
+
+
+def reduce_rows(rows: torch.Tensor, points: int, width: int, chunk: int = REDUCE_CHUNK) -> Moments:
+    """The Moments of rows [k, ...] (k*points*width values, any float dtype) on their own device."""
+    k, P, W = len(rows), points, width
+    dev = rows.device
+    x = rows.reshape(k, P, W)
+    shift = x[:SHIFT_ROWS].to(torch.float32).mean(dim=0) if k else torch.zeros(P, W, device=dev)
+    s1 = torch.zeros(1, P * W, dtype=torch.float32, device=dev)  # one chunk's sums, in float32
+    s2 = torch.zeros(1, P * W, dtype=torch.float32, device=dev)
+    t1 = torch.zeros(P * W, dtype=torch.float64, device=dev)  # the batch's, in float64
+    t2 = torch.zeros(P * W, dtype=torch.float64, device=dev)
+    sq = torch.zeros(P, dtype=torch.float64, device=dev)
+    nrm = torch.zeros(P, dtype=torch.float64, device=dev)
+    c = min(chunk, max(k, 1))
+    ones = torch.ones(1, c, dtype=torch.float32, device=dev)
+    y_buf = torch.empty(c, P, W, dtype=torch.float32, device=dev)
+    q_buf = torch.empty(c, P, W, dtype=torch.float32, device=dev)
+    shift_sq = (shift * shift).sum(dim=-1)  # [P]
+    for i in range(0, k, c):
+        n = min(c, k - i)
+        y, q = y_buf[:n], q_buf[:n]
+        y.copy_(x[i:i + n])  # converted into a reused float32 chunk, then shifted in place
+        y.sub_(shift)
+        torch.mul(y, y, out=q)
+        torch.mm(ones[:, :n], y.view(n, P * W), out=s1)  # column sums through the BLAS
+        torch.mm(ones[:, :n], q.view(n, P * W), out=s2)
+        t1 += s1[0]
+        t2 += s2[0]
+        # |x|^2 = |y|^2 + 2 y.shift + |shift|^2, per row and point
+        dots = torch.bmm(y.transpose(0, 1), shift.unsqueeze(-1)).squeeze(-1).transpose(0, 1)  # [n, P]
+        r = (q.sum(dim=-1) + 2 * dots + shift_sq).to(torch.float64).clamp_(min=0)
+        sq += r.sum(dim=0)
+        nrm += r.sqrt().sum(dim=0)
+    return Moments(k, shift, t1.view(P, W), t2.view(P, W), sq, nrm)
 
 
 class RunningStats:
@@ -37,14 +94,19 @@ class RunningStats:
         self.norm_sum = np.zeros(P) if norm_sum is None else np.asarray(norm_sum, np.float64).reshape(P)
 
     def update(self, rows: torch.Tensor) -> None:
-        """Fold in rows [k, *sample_shape] (any float dtype, on the CPU)."""
-        k = len(rows)
-        if k == 0:
+        """Fold in rows [k, *sample_shape] (any float dtype, on any device)."""
+        self.add(reduce_rows(rows, self.points, self.width))
+
+    def add(self, m: Moments) -> None:
+        """Fold in one batch's Moments (on the CPU): mean and M2 in float64 from the shifted sums."""
+        n = int(m.count)
+        if n == 0:
             return
-        x = rows.reshape(k, self.points, self.width).to(torch.float64)
-        var, mean = torch.var_mean(x, dim=0, correction=0)  # one fused pass (half the time of mean, then m2)
-        norm = torch.linalg.vector_norm(x, dim=-1)  # [k, P]
-        self._fold(k, mean.numpy(), (var * k).numpy(), (norm * norm).sum(dim=0).numpy(), norm.sum(dim=0).numpy())
+        f64 = lambda t: t.detach().cpu().numpy().astype(np.float64).reshape(self.points, -1)
+        s1, s2 = f64(m.s1), f64(m.s2)
+        mean = f64(m.shift) + s1 / n
+        m2 = np.maximum(s2 - s1 * s1 / n, 0.0)
+        self._fold(n, mean, m2, f64(m.sq_norm_sum).reshape(-1), f64(m.norm_sum).reshape(-1))
 
     def merge(self, other: "RunningStats") -> "RunningStats":
         """Fold another generator's statistics into these (in place); returns self."""

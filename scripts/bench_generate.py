@@ -121,6 +121,8 @@ class Actdata:
             self.progress.before_commit(rows, info)  # position saved, statistics updated
             self.extra.append(time.perf_counter() - t0)
         self.buf.write(rows, origin, provenance=info.get("provenance"))
+        if self.progress is not None:
+            self.progress.settle()
         return info["tokens"]
 
     def time(self, batches: int) -> float:

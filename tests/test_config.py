@@ -19,8 +19,8 @@ def load(*overrides) -> Config:
 
 @pytest.mark.parametrize("preset,size,dim,dtype", [
     ("test", 1_000, None, "float32"),
-    ("production", 1_000_000, 4096, "float32"),
-    ("large-scale", 10_000_000, 4096, "float16"),
+    ("production", 1_000_000, 4096, "auto"),
+    ("large-scale", 10_000_000, 4096, "auto"),
 ])
 def test_presets_compose(preset, size, dim, dtype):
     cfg = load(f"+preset={preset}")

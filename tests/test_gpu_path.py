@@ -324,7 +324,10 @@ def test_staging_is_sized_to_the_rows_a_batch_can_keep(llama, corpus):
     cfg = cfg_for(llama, corpus)
     src = ModelSource(cfg, "cpu", 0, threaded=True)
     assert src._staging().shape[0] == 2 * 15  # batch 2 x (16 positions - BOS)
-    assert src.memory.pinned == src.STAGING * 2 * 15 * 64 * 4
+    from actdata.generation.placement import pinned_block, pinned_bytes
+
+    # staging rounded up as the pinned allocator rounds it, plus the token batches and statistics sums
+    assert src.memory.pinned == pinned_bytes(cfg, 64) >= src.STAGING * pinned_block(2 * 15 * 64 * 4)
     src.close()
 
 

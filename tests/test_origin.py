@@ -180,11 +180,12 @@ def test_two_cpu_generators_provenance_statistics_and_422(start_server, tmp_path
         direct.update(make_rows(torch.arange(base, base + g["count"]), (768,), torch.float32))
     full = c.get_statistics(tensors=True)
     assert int(full["count"][0]) == direct.count == stats["count"]
-    np.testing.assert_allclose(full["mean"].numpy(), direct.mean, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(full["var"].numpy(), direct.var, rtol=1e-9)
-    np.testing.assert_allclose(stats["mean_sq_norm"], direct.mean_sq_norm, rtol=1e-9)
-    np.testing.assert_allclose(stats["mean_norm"], direct.mean_norm, rtol=1e-9)
-    assert scaling_factor(stats) == pytest.approx(direct.scaling_factor().tolist(), rel=1e-9)
+    # batches are reduced in float32 chunks and merged in float64: equal to the direct reduction within 1e-5
+    np.testing.assert_allclose(full["mean"].numpy(), direct.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(full["var"].numpy(), direct.var, rtol=1e-5)
+    np.testing.assert_allclose(stats["mean_sq_norm"], direct.mean_sq_norm, rtol=1e-5)
+    np.testing.assert_allclose(stats["mean_norm"], direct.mean_norm, rtol=1e-5)
+    assert scaling_factor(stats) == pytest.approx(direct.scaling_factor().tolist(), rel=1e-5)
     raw = requests.get(srv.url + "/statistics", params={"format": "safetensors"}).content
     assert torch.equal(safetensors.torch.load(raw)["mean"], full["mean"]), "a standard safetensors body"
 

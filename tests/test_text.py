@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
+import torch
 
 from actdata.config import ConfigError, DatasetConfig
 from actdata.generation.text import TokenBlocks, documents, pack
@@ -129,3 +130,61 @@ def test_empty_corpus_fails_clearly():
     docs = lambda d, epoch: iter([])  # noqa: E731
     with pytest.raises(ConfigError, match="no non-empty text"):
         next(iter(TokenBlocks(DatasetConfig(name="x"), WordTokenizer(), 8, 2, docs=docs)))
+
+
+# -- the tokenizer off the consuming thread --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embedded_tokenizer():
+    from actdata.config import Config
+    from actdata.generation.loading import load_tokenizer
+
+    return load_tokenizer(Config())
+
+
+class RecordingFastTokenizer:
+    """The embedded fast tokenizer, recording which threads its Rust batch call runs in."""
+
+    def __init__(self, tok):
+        self.tok, self.threads = tok, set()
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        self._tokenizer = self
+
+    def encode_batch_fast(self, texts, add_special_tokens):
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        return self.tok._tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+
+def test_token_blocks_equal_the_reference_packing_and_tokenise_in_a_pool(embedded_tokenizer):
+    """The pooled, numpy-packed blocks are exactly what the reference (the tokenizer's own call, then
+    `pack_tracked`) makes, positions included, from the start and from a saved position; the tokenizer
+    runs in the pool's threads, never in the thread that iterates."""
+    from actdata.generation.text import pack_tracked
+
+    tok = embedded_tokenizer
+    d = DatasetConfig(name="embedded", seed=3)
+    sep = [tok.eos_token_id]
+    texts = list(documents(d, 0))[:200]
+
+    def reference():
+        streams = ((0, i, tok(t, add_special_tokens=False)["input_ids"] + sep, 0) for i, t in enumerate(texts))
+        blocks = list(pack_tracked(streams, 64, tok.bos_token_id))
+        return [blocks[i:i + 4] for i in range(0, len(blocks) - 4, 4)][:60]
+
+    recording = RecordingFastTokenizer(tok)
+    tb = TokenBlocks(d, recording, 64, 4, docs=lambda _d, epoch: iter(texts), threads=2)
+    got = []
+    for b in tb:
+        got.append(b)
+        if len(got) == 60:
+            break
+    ref = reference()
+    for b, r in zip(got, ref, strict=True):
+        assert b.input_ids.tolist() == [blk for blk, _ in r] and b.position == r[-1][1]
+    assert recording.threads and all(n.startswith("actdata-tokenizer") for n in recording.threads)
+    pos = got[20].position
+    resumed = TokenBlocks(d, tok, 64, 4, docs=lambda _d, epoch: iter(texts), start=pos, threads=2)
+    for a, b in zip(got[21:40], resumed):
+        assert torch.equal(a.input_ids, b.input_ids) and a.position == b.position

@@ -35,10 +35,11 @@ import torch
 from .. import wire
 from ..config import Config
 from ..shm import BufferSpaceError, BufferSpec, SharedActivationBuffer
-from .placement import poisons_context
+from .placement import device_identity, poisons_context
 from .progress import Progress
 from .source import BatchInfo, RowSource
 from .status import Status
+from .threads import tokenizer_threads
 
 log = logging.getLogger(__name__)
 POISONED_EXIT = 75  # exit code of a worker process whose CUDA context a failure has made unusable
@@ -122,7 +123,8 @@ class Generator:
         except BaseException as e:
             self.status.update(force=True, state="failed", last_error=f"cannot start: {type(e).__name__}: {e}")
             raise
-        self.status.update(force=True, position=self.progress.position())
+        self.status.update(force=True, position=self.progress.position(), threads=torch.get_num_threads(),
+                           tokenizer_threads=tokenizer_threads(), **device_identity(self.device))
         if self.buffer.reserved:  # map the rows ahead of this writer while the model loads; a sparse buffer
             self.buffer.populate_in_background(self.stop)  # (buffer.reserve=false) allocates slot by slot as it writes
         self.store = _open_store_writer(self.cfg, self.spec, self.index, self.count, self.status)
@@ -132,7 +134,7 @@ class Generator:
             self.store.close()
             self.status.update(force=True, store_writer=self.store.state())
         try:
-            self.progress.publish_stats(force=True)
+            self.progress.close()  # the statistics thread folds what it holds; the totals are saved
         except Exception as e:  # noqa: BLE001 - stopping must not fail on a full disk
             log.warning("generator %s: could not save its statistics: %s", self.name, e)
         self.buffer.close()
@@ -159,6 +161,7 @@ class Generator:
 
     def _drain(self, source: RowSource) -> None:
         """Write every batch of `source` until it ends (then it is rebuilt) or `stop` is set."""
+        fresh = getattr(source, "fresh_rows", False)  # each batch in new memory: nothing to wait for
         for rows, origin, info in source:
             self.progress.before_commit(rows, info)
             n = self._write(rows, origin, info.get("provenance"))
@@ -168,6 +171,8 @@ class Generator:
                 self.status.d["store_replay"] = info["store"]
             self.produced += n
             self._count(n, info)
+            if not fresh:  # the statistics thread is done with these rows before the source reuses them
+                self.progress.settle()
             if self.stop.is_set():
                 return
         log.warning("generator %s: source ended; restarting it", self.name)

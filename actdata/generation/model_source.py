@@ -16,11 +16,21 @@ Filtering on the device. Positions are chosen before the forward (BOS, special t
 flat indices); rows with an outlier norm (`generator.outlier_factor`) and, for a float16 buffer fed by a
 wider model dtype, rows that overflowed float16 (|x| > 65504 becomes inf) are dropped on the device, so
 only kept rows are copied to the host. Dropped overflow rows are counted in `info["rows_overflowed"]`.
+The host needs the mask to know how many rows to copy, so the decision is made one batch late: a forward
+is launched (`_launch`: its masks are computed and copied to the host without waiting), then the next
+forward is launched, and only then are the first batch's masks read and its kept rows gathered and
+copied (`_complete`). Reading the masks waits only for their own copy, queued before the next forward,
+so the device always has a forward queued and the host never waits for one.
+
+Statistics on CUDA. When the generator keeps statistics, a batch's kept rows are reduced on the device
+(stats.reduce_rows) before their copy, and only those sums travel with the rows (`info["moments"]`).
 
 Stopping. Every wait of the pipeline threads (queues, the staging pool) is a short timed wait that
-gives up once the pipeline is stopped; closing the iterator stops and joins both threads (at most
-JOIN_S seconds in all) and puts every staging buffer back in the pool, on every path (normal end,
-error, close while the consumer is blocked on a full buffer). `close()` frees the model.
+gives up once the pipeline is stopped; closing the iterator stops both threads and joins them, waiting as
+long as a forward or a compile in progress takes (up to CLOSE_WAIT_S, with a log line each JOIN_S), so a
+restarted source never loads its model beside one still in use; every staging buffer goes back to the
+pool, on every path (normal end, error, close while the consumer is blocked on a full buffer). `close()`
+frees the model.
 """
 from __future__ import annotations
 
@@ -35,9 +45,21 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..stats import reduce_rows
 from ..wire import DTYPES as TORCH_DTYPES
 from .loading import load_config, load_model, load_tokenizer, meta_model
-from .placement import bind, check_fits, describe_dtype, estimate, max_rows, resolve_dtype
+from .placement import (
+    STAGING_BUFFERS,
+    bind,
+    check_fits,
+    describe_dtype,
+    estimate,
+    forward_batch,
+    max_rows,
+    resolve_dtype,
+    with_batch,
+)
+from .progress import statistics_enabled
 from .sites import (
     Capture,
     OutlierFilter,
@@ -74,6 +96,16 @@ class Prepared(NamedTuple):
     info: BatchInfo
 
 
+class Launched(NamedTuple):
+    """A forward launched, its filter decision not yet read: the rows on the device and their masks on
+    their way to the host."""
+
+    item: "Prepared"
+    rows: torch.Tensor  # [k, ...] on the device, every row of the batch
+    masks: Optional[torch.Tensor]  # bool [1 or 2, k] (kept, finite) on the host once `ready`; None: keep all
+    ready: Optional[torch.cuda.Event]  # the masks' copy (None: already on the host)
+
+
 class Forwarded(NamedTuple):
     """Stage 2's output: the rows kept by the device filter, on the host."""
 
@@ -105,8 +137,9 @@ class ModelSource:
     """
 
     QUEUE_DEPTH = 3  # token batches waiting for a forward; finished items waiting for the consumer
-    STAGING = QUEUE_DEPTH + 2  # staging buffers: one per item that can be in flight, plus the consumer's
-    JOIN_S = 1.0  # closing the iterator waits at most this long for the pipeline threads
+    STAGING = STAGING_BUFFERS  # QUEUE_DEPTH + 2: one per item that can be in flight, plus the consumer's
+    JOIN_S = 1.0  # closing the iterator logs every JOIN_S while it waits for a pipeline thread
+    CLOSE_WAIT_S = 600.0  # ... and gives up after this long (a forward or compile that never ends)
     POLL_S = 0.05  # every wait of a pipeline thread re-checks `stop` this often
 
     def __init__(self, cfg: Config, device: str, index: int = 0, loop: bool = True, count: Optional[int] = None,
@@ -129,8 +162,14 @@ class ModelSource:
         plan = make_plan(cfg, meta, hf_config)
         check_buffer(cfg, plan)
         n_blocks = blocks_needed(plan, meta, int(hf_config.num_hidden_layers))
-        self.memory = estimate(cfg, hf_config, meta, n_blocks, int(np.prod(plan.full)), self.model_dtype,
-                               self.STAGING if self.threaded else 0)
+        values, staging = int(np.prod(plan.full)), self.STAGING if self.threaded else 0
+        if self.device.type == "cuda" and g.auto_batch:  # enough tokens per forward to keep the GPU busy
+            def fit(b: int, c=cfg, m=meta) -> int:
+                return estimate(with_batch(c, b), hf_config, m, n_blocks, values, self.model_dtype, staging).device
+
+            cfg = with_batch(cfg, forward_batch(cfg, fit, torch.cuda.mem_get_info(self.device)[0]))
+            g, self.cfg = cfg.generator, cfg
+        self.memory = estimate(cfg, hf_config, meta, n_blocks, values, self.model_dtype, staging)
         del meta
         check_fits(self.memory, self.device)  # before loading anything: a config that cannot fit fails here
         precision = describe_dtype(self.model_dtype, self.device)
@@ -146,6 +185,8 @@ class ModelSource:
         # a float16 buffer fed by a wider dtype overflows above 65504: such rows are dropped and counted
         self.check_overflow = self.dtype == torch.float16 and self.model_dtype != "float16"
         self.max_rows = max_rows(cfg)
+        self.points = int(np.prod(self.plan.shape[:-1])) if len(self.plan.shape) > 1 else 1
+        self.device_stats = self.device.type == "cuda" and statistics_enabled(cfg)
         self.contexts = int((start or {}).get("next_context", 0))
         self.pipeline: dict = {}  # the last threaded pipeline: threads, staging buffers (for tests, stats)
         kept = "all" if n_blocks is None else f"{n_blocks} of {hf_config.num_hidden_layers}"
@@ -185,16 +226,40 @@ class ModelSource:
                 mask = None if mask is None else mask.pin_memory()
             yield Prepared(ids, mask, flat, origin, info)
 
-    # Stage 2 (thread): forward -> filter on the device -> kept rows to the host.
+    # Stage 2 (thread): forward -> filter on the device -> kept rows to the host, one batch late.
     def _forward(self, item: Prepared, staging: Optional[torch.Tensor]) -> Forwarded:
-        """The kept rows of `item` on the host: in `staging` when given (valid once the result's event
-        has completed), else as a new CPU tensor."""
+        """`_launch` then `_complete` at once (the CPU path, and tests)."""
+        return self._complete(self._launch(item), staging)
+
+    def _launch(self, item: Prepared) -> Launched:
+        """Queue the forward of `item` and its filter masks' copy to the host; nothing waits for the device."""
         dev = self.device
         rows = self.capture(item.input_ids.to(dev, non_blocking=True),
                             None if item.mask is None else item.mask.to(dev, non_blocking=True),
                             item.flat.to(dev, non_blocking=True))
-        rows, kept, overflowed = self._filter(rows)
+        if len(rows) == 0 or not (self.check_overflow or self.outliers is not None):
+            return Launched(item, rows, None, None)
+        finite = finite_rows(rows) if self.check_overflow else None
+        ok = finite
+        if self.outliers is not None:  # an inf/nan row has no finite norm: it fails this test too
+            out = self.outliers(rows)
+            ok = out if ok is None else ok & out
+        masks = torch.stack([ok, finite]) if finite is not None else ok[None]
+        if dev.type != "cuda":
+            return Launched(item, rows, masks, None)
+        masks = masks.to("cpu", non_blocking=True)  # into pinned memory, read after the next launch
+        ready = torch.cuda.Event(blocking=True)
+        ready.record(torch.cuda.current_stream(dev))
+        return Launched(item, rows, masks, ready)
+
+    def _complete(self, launched: Launched, staging: Optional[torch.Tensor]) -> Forwarded:
+        """The kept rows of a launched forward on the host: in `staging` when given (valid once the
+        result's event has completed), else as a new CPU tensor."""
+        dev, item = self.device, launched.item
+        rows, kept, overflowed = self._filter(launched)
         info = {**item.info, "rows_overflowed": overflowed}
+        if self.device_stats:  # reduced where the rows are; only the sums travel with them
+            info["moments"] = reduce_rows(rows, self.points, self.plan.shape[-1])
         event = None
         if staging is not None:
             host = staging[:len(rows)]
@@ -203,6 +268,8 @@ class ModelSource:
                 with torch.cuda.stream(self._copy_stream):
                     host.copy_(rows, non_blocking=True)
                     rows.record_stream(self._copy_stream)  # not reused by the allocator before the copy ends
+                    if "moments" in info:
+                        info["moments"] = info["moments"].to("cpu", non_blocking=True)
                     event = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, it does not spin
                     event.record(self._copy_stream)
             else:  # the threaded pipeline forced on the CPU: the same staging, copied at once
@@ -211,26 +278,26 @@ class ModelSource:
             rows = host
         elif rows.device.type != "cpu":
             rows = rows.cpu()
+            if "moments" in info:
+                info["moments"] = info["moments"].to("cpu")
         return Forwarded(rows, item.origin, info, event, kept)
 
-    def _filter(self, rows: torch.Tensor):
-        """Drop, on the rows' device, float16 overflow rows and outlier rows; only the kept rows remain.
-        Returns (rows, kept: host bool mask over the input rows or None when all are kept, rows dropped
-        for overflow). The decision costs one small device->host copy (the masks): the host needs the
-        count of kept rows to copy exactly those."""
-        if len(rows) == 0 or not (self.check_overflow or self.outliers is not None):
+    def _filter(self, launched: Launched):
+        """Drop float16 overflow rows and outlier rows on the rows' device, by the launched masks (read
+        on the host now, one batch after they were queued). Returns (rows, kept: host bool mask over the
+        input rows or None when all are kept, rows dropped for overflow)."""
+        rows, masks = launched.rows, launched.masks
+        if masks is None:
             return rows, None, 0
-        finite = finite_rows(rows) if self.check_overflow else None
-        ok = finite
-        if self.outliers is not None:  # an inf/nan row has no finite norm: it fails this test too
-            out = self.outliers(rows)
-            ok = out if ok is None else ok & out
-        masks = (torch.stack([ok, finite]) if finite is not None else ok[None]).cpu().numpy()
+        if launched.ready is not None:
+            launched.ready.synchronize()  # queued before the next forward: that forward is not waited for
+        masks = masks.numpy()
         kept = masks[0]
-        overflowed = int(len(kept) - masks[1].sum()) if finite is not None else 0
+        overflowed = int(len(kept) - masks[1].sum()) if len(masks) > 1 else 0
         if kept.all():
             return rows, None, overflowed
-        return rows[ok], kept, overflowed
+        index = torch.from_numpy(np.flatnonzero(kept)).to(rows.device, non_blocking=True)
+        return rows.index_select(0, index), kept, overflowed
 
     # Stage 3 (the consumer's thread): rows in the row shape, with what belongs to them.
     def _finish(self, out: Forwarded) -> RowBatch:
@@ -262,7 +329,7 @@ class ModelSource:
 
     def _iter_threaded(self) -> Iterator[RowBatch]:
         pipe = _Pipeline(self)
-        self.pipeline = {"threads": pipe.threads, "pool": pipe.pool, "staging": self.STAGING}
+        self.pipeline = {"threads": pipe.threads, "pool": pipe.pool, "staging": self.STAGING, "pipe": pipe}
         pipe.start()
         try:
             for staged in pipe.results():
@@ -294,6 +361,7 @@ class _Pipeline:
         self.pool: queue.Queue = queue.Queue()
         for _ in range(src.STAGING):
             self.pool.put(src._staging())
+        self.token_wait_s = 0.0  # time the forward thread waited for tokens while a forward was queued
         self.threads = [threading.Thread(target=self._run_tokenize, name="actdata-tokenize", daemon=True),
                         threading.Thread(target=self._run_forward, name="actdata-forward", daemon=True)]
 
@@ -331,37 +399,51 @@ class _Pipeline:
             self._put(self.prepared, e)
 
     def _run_forward(self) -> None:
-        src, held = self.src, []  # what this thread owns: the result whose copy is in flight, the new one
+        """Launch each forward, then complete the one before it (its masks are read one batch late); a
+        completed result's copy runs beside the next forward and is handed over after it."""
+        src, held, launched = self.src, [], None  # owned here: the launched forward, results whose copy is in flight
         try:
             bind(src.device)
             if src.device.type == "cuda":
                 src._copy_stream = torch.cuda.Stream(src.device)
             while True:
+                t0 = time.perf_counter()
                 item = self._get(self.prepared)
+                if launched is not None:  # a forward was queued on the device while this thread waited
+                    self.token_wait_s += time.perf_counter() - t0
                 if item is _STOPPED:
                     return
                 if item is None or isinstance(item, BaseException):  # the end, or stage 1 failed: pass it on last
+                    if launched is not None and not self._complete(launched, held):
+                        return
                     while held:
                         if not self._hand_over(held):
                             return
                     self._put(self.done, item)
                     return
-                staging = self._get(self.pool)
-                if staging is _STOPPED:
+                nxt = src._launch(item)  # queued before the previous batch's masks are read
+                if launched is not None and not self._complete(launched, held):
                     return
-                try:
-                    held.append(Staged(src._forward(item, staging), staging))
-                except BaseException:
-                    self.pool.put(staging)
-                    raise
-                if len(held) == 2 and not self._hand_over(held):  # the previous copy ran beside this forward
-                    return
+                launched = nxt
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self._put(self.done, e)
         finally:
             for staged in held:  # stopped: wait for copies in flight, give their buffers back
                 staged.result.event.synchronize()
                 self.pool.put(staged.staging)
+
+    def _complete(self, launched: Launched, held: list[Staged]) -> bool:
+        """Complete a launched forward into a staging buffer; hand the older result over once two are
+        held (its copy ran beside this one's forward). False when the pipeline stopped first."""
+        staging = self._get(self.pool)
+        if staging is _STOPPED:
+            return False
+        try:
+            held.append(Staged(self.src._complete(launched, staging), staging))
+        except BaseException:
+            self.pool.put(staging)
+            raise
+        return len(held) < 2 or self._hand_over(held)
 
     def _hand_over(self, held: list[Staged]) -> bool:
         """Wait for the oldest held result's copy and pass it to the consumer; False when stopped first."""
@@ -387,16 +469,21 @@ class _Pipeline:
             yield item
 
     def close(self) -> None:
-        """Stop both threads and join them (at most JOIN_S seconds in all); every staging buffer goes back."""
+        """Stop both threads and join them, as long as a forward in progress takes (up to CLOSE_WAIT_S):
+        the model must be free when this returns. Every staging buffer goes back."""
         self.stop.set()
-        self._drain()
-        deadline = time.monotonic() + self.src.JOIN_S
+        t0 = time.monotonic()
         for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            while t.is_alive() and time.monotonic() - t0 < self.src.CLOSE_WAIT_S:
+                self._drain()  # a thread blocked on a full queue sees the stop at its next poll
+                t.join(self.src.JOIN_S)
+                if t.is_alive():
+                    log.warning("waiting for pipeline thread %s to finish its step (%.0f s so far)", t.name,
+                                time.monotonic() - t0)
         self._drain()
         alive = [t.name for t in self.threads if t.is_alive()]
         if alive:
-            log.error("pipeline threads %s did not stop within %.1f s", alive, self.src.JOIN_S)
+            log.error("pipeline threads %s did not stop within %.0f s", alive, self.src.CLOSE_WAIT_S)
 
     def _drain(self) -> None:
         """Results finished but never consumed: their staging buffers go back to the pool."""

@@ -8,8 +8,6 @@ buffer it adds the batch's counters to the totals, saves the position right afte
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from safetensors.torch import load_file
 
@@ -18,15 +16,16 @@ from ..shm import BufferSpec, sidefiles
 from ..stats import RunningStats
 from .source import BatchInfo
 from .state import STATS_EVERY_S, GeneratorState, write_stats
+from .statistics import StatsWorker
 
 RESERVE_IDS = 1 << 16  # synthetic ids saved ahead of use (a restart skips at most this many)
 PUBLISH_EVERY_S = min(2.0, STATS_EVERY_S)  # the statistics beside the buffer are at most this old
 
 
 def statistics_enabled(cfg: Config) -> bool:
-    """generator.statistics, where null means: on for the model source, off for the synthetic one."""
+    """generator.statistics, where null means on (for every source: they are reduced beside the writer)."""
     s = cfg.generator.statistics
-    return cfg.generator.source == "model" if s is None else bool(s)
+    return True if s is None else bool(s)
 
 
 def read_statistics(spec: BufferSpec) -> list[tuple[str, RunningStats]]:
@@ -48,11 +47,11 @@ class Progress:
         self.state = GeneratorState.for_config(cfg, index, count)
         self.saved = (self.state.load() if self.state else None) or {}
         self.totals = {k: int(self.saved.get(k, 0)) for k in ("contexts", "tokens", "rows")}
-        self.stats = None
+        self.stats, self.worker = None, None
         if statistics_enabled(cfg):
             self.stats = ((self.state.load_stats(spec.sample_shape) if self.state else None)
                           or RunningStats(spec.sample_shape))
-        self._published = 0.0
+            self.worker = StatsWorker(self.stats, self._write_stats, PUBLISH_EVERY_S)
         self.publish_stats(force=True)
 
     def start(self) -> dict:
@@ -60,15 +59,29 @@ class Progress:
         return self.saved
 
     def before_commit(self, rows: torch.Tensor, info: BatchInfo) -> None:
-        """Called with each batch before it is written: save the position after it, fold it into the statistics."""
+        """Called with each batch before it is written: save the position after it, hand it to the
+        statistics thread (the rows stay in use until `settle()`)."""
         for k, n in (("contexts", info.get("contexts", 0)), ("tokens", info.get("tokens", 0)), ("rows", len(rows))):
             self.totals[k] += int(n)
         reserved = "next_id" in info and self.state and info["next_id"] <= self.saved.get("next_id", -1)
         if not reserved:  # synthetic ids up to the reserved one are covered by the saved state already
             self._save(info)
-        if self.stats is not None:
-            self.stats.update(rows)
-            self.publish_stats()
+        if self.worker is not None:
+            if "moments" in info:
+                self.worker.add(info["moments"])
+            else:
+                self.worker.reduce(rows)
+
+    def settle(self) -> None:
+        """Wait until the statistics thread is done with the rows of the last batch."""
+        if self.worker is not None:
+            self.worker.settle()
+
+    def close(self) -> None:
+        """Fold what is queued, stop the statistics thread and publish (and save) the final totals."""
+        if self.worker is not None:
+            self.worker.close()
+            self.publish_stats(force=True)
 
     def _save(self, info: BatchInfo) -> None:
         self.saved = {k: info[k] for k in ("position", "next_context", "next_id") if k in info}
@@ -81,12 +94,15 @@ class Progress:
     def publish_stats(self, force: bool = False) -> None:
         """Publish the statistics beside the buffer (and save them with the state), at most every
         PUBLISH_EVERY_S seconds unless forced."""
-        if self.stats is None or not (force or time.monotonic() - self._published >= PUBLISH_EVERY_S):
+        if self.worker is None:
             return
-        self._published = time.monotonic()
-        write_stats(sidefiles.generator_stats(self.spec.path, self.name), self.stats)
+        self.worker.publish(force)
+
+    def _write_stats(self, stats: RunningStats, force: bool) -> None:
+        """The statistics thread's (or a forced) write: the side file, and the saved state's copy."""
+        write_stats(sidefiles.generator_stats(self.spec.path, self.name), stats)
         if self.state:
-            self.state.save_stats(self.stats, force=force)
+            self.state.save_stats(stats, force=force)
 
     def position(self) -> dict:
         """For /stats: where this generator is (pass, documents, offset or next_id; totals done)."""

@@ -42,6 +42,8 @@ class RowBatch(NamedTuple):
 
 class RowSource(Protocol):
     """An endless (or, for a finished replay, idling) stream of batches. A source may also have
-    `close()`, called before the next source is built, to free its model and buffers."""
+    `close()`, called before the next source is built, to free its model and buffers, and `fresh_rows =
+    True` when every batch's rows are a new tensor (not memory reused for the next batch), so the loop
+    need not wait for the statistics thread to finish with them."""
 
     def __iter__(self) -> Iterator[RowBatch]: ...

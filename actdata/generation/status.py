@@ -2,7 +2,9 @@
 
 The status (`sidefiles.generator_status`, JSON beside the buffer) says what a generator is doing: its
 state (loading, running, paused, restarting, failed, crashed, stopped), rows/s and tokens/s over the last
-ten seconds, counters of rows, contexts and tokens, restarts and the last error. It is published
+ten seconds, counters of rows, contexts and tokens, restarts and the last error, and where it runs:
+`device` (the device it actually uses, "cuda:<current_device()>" or "cpu"), `gpu_uuid` (that GPU's UUID,
+null on the CPU) and its thread shares (`threads`, `tokenizer_threads`: generation.threads). It is published
 atomically at most every `interval` seconds (state changes at once), so the HTTP processes and
 /stats read it without talking to the generator. A worker process that replaces a dead one carries the
 dead one's restart count and error on.
@@ -26,7 +28,8 @@ class Status:
 
     def __init__(self, spec: BufferSpec, name: str, device: str, source: str, interval: float = 0.5):
         self.path, self.interval, self._last = sidefiles.generator_status(spec.path, name), interval, 0.0
-        self.d = {"name": name, "pid": os.getpid(), "device": device, "source": source, "state": "loading",
+        self.d = {"name": name, "pid": os.getpid(), "device": device, "gpu_uuid": None, "source": source,
+                  "state": "loading",
                   "tokens_per_s": 0.0, "rows_per_s": 0.0, "rows_written": 0, "contexts": 0, "tokens": 0,
                   "corpus_passes": 0, "rows_overflowed": 0, "restarts": 0, "last_error": None,
                   "started_at": time.time(), "updated_at": time.time()}

@@ -69,6 +69,8 @@ class SyntheticSource:
     restarts. info has contexts, tokens (0), next_id and, with `provenance`, provenance (doc_ids = the
     row id, positions = id % CONTEXT_ROWS, token_ids = 0)."""
 
+    fresh_rows = True  # every batch is a new tensor: the statistics thread may still read it after the next
+
     def __init__(self, shape: tuple, dtype: torch.dtype, first_id: int = 0, batch_rows: int = 256,
                  rows_per_second: Optional[float] = None, provenance: bool = False):
         self.shape, self.dtype, self.next_id = tuple(shape), dtype, int(first_id)

@@ -45,6 +45,39 @@ def sample_shape(cfg: Config) -> tuple[int, ...]:
     return shape
 
 
+def resolve(cfg: Config) -> Config:
+    """The config with what `auto` stands for on this host: server.accelerator and server.devices (GPUs
+    counted through NVML, generation.placement), and buffer.dtype (generation.placement.buffer_dtype; for
+    a replay, the store's). Raises ConfigError (accelerator=cuda with no GPU) before anything is allocated."""
+    import dataclasses
+
+    from ..generation.placement import buffer_dtype, resolve_accelerator
+
+    acc, n = resolve_accelerator(cfg.server.accelerator, cfg.server.devices)
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, accelerator=acc, devices=n))
+    if cfg.buffer.dtype == "auto":
+        if cfg.generator.source == "store":
+            from ..storage.catalog import open_store
+
+            dtype = open_store(cfg.store.path, "store.path", cfg.store.column).dtype
+        else:
+            dtype = buffer_dtype(cfg, acc)
+        cfg = dataclasses.replace(cfg, buffer=dataclasses.replace(cfg.buffer, dtype=dtype))
+    return cfg
+
+
+def check_host_memory(cfg: Config, shape: tuple) -> None:
+    """The pinned memory of every generator of this host together, before any starts (CUDA model source)."""
+    if cfg.server.accelerator != "cuda" or cfg.generator.source != "model":
+        return
+    import math
+
+    from ..generation.placement import check_pinned
+
+    total = check_pinned(cfg, math.prod(shape), cfg.server.devices * cfg.server.generators_per_device)
+    log.info("pinned host memory of the generators: %s", human_bytes(total))
+
+
 def _free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -64,12 +97,14 @@ def serve(cfg: Config, release_on_exit: bool = False) -> None:
 
     setup_logging(cfg.log_level, cfg.server.log_file)
     validate(cfg)
+    cfg = resolve(cfg)
     from ..generation.state import check_state_dir
     from .app import build_server  # LitServe's version is checked here, before anything is allocated
 
     state = check_state_dir(cfg)  # a one-line config error before anything is allocated
     nofile, _ = raise_open_file_limit()
     shape = sample_shape(cfg)
+    check_host_memory(cfg, shape)
     b = cfg.buffer
     backing = b.path or SHM_DIR
     log.info("buffer: %d rows x %s %s = %s (with index) in %s", b.size, list(shape), b.dtype,

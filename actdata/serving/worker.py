@@ -14,6 +14,7 @@ import torch
 
 from ..config import Config
 from ..generation.loop import run_supervised
+from ..generation.threads import limit_threads
 from ..shm import BufferSpec, sidefiles
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class GeneratorWorker(ls.LitAPI):
         setup_logging(self.cfg.log_level, self.cfg.server.log_file)
         _thread_lock_for_progress_bars()
         self._stop = threading.Event()
+        limit_threads(self.local_generators)  # this generator's share of the host's cores, before anything starts
         local = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         s = self.cfg.server  # the global numbering: generator g of G across every node
         index, count = s.node_rank * self.local_generators + local, s.num_nodes * self.local_generators
