@@ -137,12 +137,15 @@ _last_good: dict[str, dict] = {}  # per file, this process's last whole reading
 def read_json(path: str, attempts: int = 3) -> Optional[dict]:
     """A JSON object published with `publish_json`, or None when the file is missing. A file being
     rewritten in place (a full disk) is read under a shared lock, so a reader waits for the whole text;
-    should a reading still fail, this process's last whole reading of the file is returned (None if
-    there was none): a reader never loses a file that exists for a moment of a rewrite."""
+    the lock not come within LOCK_WAIT_S (a writer stalled mid-write) or the text not parse, this
+    process's last whole reading of the file is returned (None if there was none): a reader never loses
+    a file that exists for a moment of a rewrite."""
     for _ in range(attempts):
         try:
             with open(path, "rb") as f:
                 locked = _lock(f.fileno(), fcntl.LOCK_SH)
+                if not locked and path in _last_good:  # a writer stalled mid-write: even valid JSON may be torn
+                    return _last_good[path]
                 try:
                     obj = json.loads(f.read())
                 finally:
