@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import tempfile
 import threading
 import time
 
@@ -264,3 +266,46 @@ def test_a_killed_generator_shows_restarting_then_running(server, tab):
     assert t.number("#gens .restarts") == restarts + 1
     assert "SIGKILL" in t.text("#gens .err")  # the cause, for a caller with the key
     assert t.errors == []
+
+
+@pytest.fixture
+def small_tmpfs():
+    d = tempfile.mkdtemp(prefix="actdata-test-page-tmpfs-")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", d], capture_output=True)
+    if r.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a private tmpfs here: {r.stderr.decode().strip()}")
+    yield d
+    subprocess.run(["umount", "-l", d], capture_output=True)
+    os.rmdir(d)
+
+
+def test_a_generator_paused_on_a_full_disk_shows_as_paused_with_the_reason(small_tmpfs, tab):
+    srv = ServerProcess([*SYNTHETIC, "buffer.prefix=actdata-t21full", f"buffer.path={small_tmpfs}",
+                         "buffer.reserve=false", "buffer.size=2000", "buffer.min_fill=0.1", "server.workers=1",
+                         "generator.rows_per_second=300"])
+    try:  # 2,000 rows of 3 KB do not fit beside the filler once it has taken the rest of the 8 MB
+        _wait("a few rows", lambda: requests.get(srv.url + "/stats").json()["ready"] >= 300, 60)
+        fd = os.open(os.path.join(small_tmpfs, "filler"), os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        for _ in range(100):  # the status is rewritten in place now: /stats must list the generator every time
+            gens = requests.get(srv.url + "/stats").json()["generators"]
+            assert len(gens) == 1, gens
+            if gens[0]["state"] == "paused":
+                break
+            time.sleep(0.2)
+        assert gens[0]["state"] == "paused" and "space" in gens[0]["last_error"]
+        for _ in range(30):
+            assert len(requests.get(srv.url + "/stats").json()["generators"]) == 1
+        t = tab(srv.url, with_key=False)
+        t.page.wait_for_selector("#gens .state[data-state=paused]", timeout=20_000)
+        assert "space" in t.text("#gens .err") and "paused" in t.text("#gens .err")
+        assert t.errors == []
+    finally:
+        srv.stop()
