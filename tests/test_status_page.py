@@ -149,6 +149,9 @@ def test_the_key_is_asked_once_a_wrong_one_is_refused_and_it_never_goes_into_a_u
     page.fill("#key-input", "not-the-key")
     page.click("#key-submit")
     page.wait_for_selector("#key-error:has-text('Wrong API key')", timeout=20_000)
+    tick = t.ticks()
+    _wait("two more polls", lambda: t.ticks() >= tick + 2, timeout=20, page=page)
+    assert "Wrong API key" in t.text("#key-error")  # said until another key is entered
     assert page.locator("#rates-card").is_hidden()
     page.fill("#key-input", KEY)
     page.click("#key-submit")
@@ -210,6 +213,32 @@ def test_numbers_match_the_stats_and_the_chart_gains_points(server, tab):
     shot = os.environ.get("ACTDATA_SCREENSHOT")
     if shot:
         page.screenshot(path=os.path.join(ROOT, shot), full_page=True)
+
+
+def test_consumer_groups_show_when_the_stats_list_them(server, tab):
+    """A server whose /stats has a "groups" list (the consumer groups): the real answer, with groups added
+    on its way to the page; without the list the section stays hidden."""
+    t = tab(server.url)
+    page = t.page
+    page.wait_for_selector("#gens tr[data-gen]", timeout=30_000)
+    assert page.locator("#groups-card").is_hidden()
+    now = time.time()
+    groups = [{"name": "sae-a", "state": "active", "rows_read": 120000, "lag": 1500, "rows_per_s": 2400.0,
+               "rows_skipped": 0, "last_seen": now - 1, "registered": now - 200},
+              {"name": "sae-<b>", "state": "idle", "rows_read": 5, "lag": 3990, "rows_per_s": 0.0,
+               "rows_skipped": 12, "last_seen": now - 190, "registered": now - 400}]
+
+    def with_groups(route):
+        r = route.fetch()
+        route.fulfill(response=r, json={**r.json(), "groups": groups})
+
+    page.route(re.compile(r".*/stats$"), with_groups)
+    page.wait_for_selector("#groups-card", state="visible", timeout=10_000)
+    rows = page.locator("#groups tbody tr")
+    assert rows.count() == 2
+    assert rows.nth(0).locator(".lag").inner_text() == "1,500"
+    assert "sae-<b>" in rows.nth(1).inner_text() and "3 min ago" in rows.nth(1).inner_text()  # escaped, as text
+    assert t.errors == []
 
 
 @pytest.mark.parametrize("width,height", [(1280, 800), (390, 844)])
