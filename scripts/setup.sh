@@ -7,6 +7,18 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV=${ACTDATA_VENV:-.venv}
 STAMP="$VENV/.actdata-setup"
+# The status page's browser tests drive the system Chromium through Playwright (the `test` extra); Playwright's
+# own browser download needs the network, Debian's package does not.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "actdata setup: installing Debian's chromium for the status page's browser tests" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+      || echo "actdata setup: apt-get could not install chromium; tests/test_status_page.py will skip" >&2
+  else
+    echo "actdata setup: no chromium here and installing it needs root (apt-get install chromium); tests/test_status_page.py will skip" >&2
+  fi
+fi
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup.sh ]; then
   exit 0
 fi

@@ -63,6 +63,7 @@ def test_the_wheel_carries_the_presets_and_every_subpackage(wheel_env):
     for preset in ("test", "production", "large-scale", "env"):
         assert f"actdata/conf/preset/{preset}.yaml" in names
     assert "actdata/conf/config.yaml" in names
+    assert "actdata/serving/status.html" in names  # the status page GET / gives a browser
     for sub in ("shm", "reading", "generation", "storage", "serving", "cluster"):
         assert f"actdata/{sub}/__init__.py" in names
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)

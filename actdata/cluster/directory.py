@@ -14,6 +14,8 @@ Routes (JSON; errors are {"detail": ...}; with an API key every route but GET / 
 `Authorization: Bearer <key>`, as on the servers):
 - GET /          cluster health: {"kind": "actdata-directory", "status", "servers" (live), "expected",
                  "serving", "ready", "capacity", "fill", "sample_shape", "dtype", "problems"}
+                 (a browser, Accept: text/html first, gets the status page instead: actdata.serving.page; it
+                 lists the nodes and opens a node's own page on a click)
 - GET /servers   {"servers": [live members, by node_rank], "down": [members not answering], "problems"}
 - GET /stats     totals over live servers (rows_written, rows_read, writes_per_s, reads_per_s, ready,
                  capacity) and "servers": the per-server figures
@@ -33,6 +35,7 @@ from typing import Optional
 
 from .. import __version__, wire
 from ..auth import CHALLENGE, WRONG_KEY, authorized, bearer
+from ..serving.page import MEDIA_TYPE, page, page_headers, wants_page
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,9 @@ class Directory:
                      "rows_per_s_out": st.get("reads_per_s"), "rows_written": st.get("rows_written"),
                      "rows_read": st.get("rows_read"), "sample_shape": st.get("sample_shape"),
                      "dtype": st.get("dtype"), "generators": [
-                         {k: g.get(k) for k in ("name", "state", "rows_per_s", "last_error")}
-                         for g in st.get("generators", [])]}
+                         {k: g.get(k) for k in ("name", "state", "rows_per_s", "restarts", "last_error")}
+                         for g in st.get("generators", [])],
+                     "http_restarts": (st.get("server") or {}).get("http_restarts")}
             if self._live(m, now):
                 entry["health"] = _server_health(st)
                 live.append(entry)
@@ -227,10 +231,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # no access log on stderr
         pass
 
-    def _send(self, status: int, body: dict, headers: Optional[dict] = None) -> None:
-        data = json.dumps(body).encode()
+    def _send(self, status: int, body, headers: Optional[dict] = None, media_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", media_type)
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -246,6 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command not in ("GET", "HEAD"):
             self.close_connection = True  # its body, if any, is not read
             return self._send(405, {"detail": f"{self.command} {path}: the directory answers GET only"})
+        if path == "/" and wants_page(self.headers.get("Accept")):
+            return self._send(200, page(), page_headers(), MEDIA_TYPE)
         if path == "/":
             return self._send(200, d.health())
         if path == wire.SERVERS_PATH:

@@ -43,7 +43,9 @@ def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event)
             json.dump({"url": url, "port": int(url.rsplit(":", 1)[1]), "pid": os.getpid()}, f)
         os.replace(tmp, cfg.server.ready_file)
     from ..generation.status import read_statuses
+    from .history import RateHistory
 
+    history = RateHistory(buffer)
     tty, last_line, last_reclaim = sys.stderr.isatty(), 0.0, time.time()
     while not stop.wait(sup.interval):
         guarded(sup.check)
@@ -52,6 +54,7 @@ def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         guarded(buffer.sample_rates)  # published for every process's /stats
+        guarded(history.sample)  # and the last minutes of them, for GET /stats/history
         if time.time() - last_reclaim > 5.0:
             last_reclaim = time.time()
             n = guarded(buffer.reclaim_orphans)

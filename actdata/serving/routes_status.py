@@ -1,10 +1,12 @@
-"""Status and control routes: GET / (health), GET /stats, GET /statistics (running statistics of the rows
+"""Status and control routes: GET / (health; the status page for a browser), GET /stats, GET /stats/history
+(rows/s in and out and fill over the last minutes), GET /statistics (running statistics of the rows
 generated, merged over generators; JSON or safetensors), POST /refresh."""
 from __future__ import annotations
 
 import logging
 import os
 import time
+from typing import Optional
 
 from fastapi import Query, Request
 from fastapi.responses import Response
@@ -17,7 +19,9 @@ from ..shm import sidefiles
 from ..shm.sidefiles import read_json
 from ..stats import RunningStats, merged
 from .answers import BAD_INPUT, RouteContext
+from .history import read_history
 from .httpguard import Counters
+from .page import MEDIA_TYPE, page, page_headers, wants_page
 
 log = logging.getLogger(__name__)
 _DOWN = {"failed", "dead", "stopped", "crashed"}
@@ -49,8 +53,10 @@ def http_processes(ctx: RouteContext) -> dict:
 def add_health_routes(app, ctx: RouteContext) -> None:
     buffer, spec = ctx.buffer, ctx.spec
 
-    @app.get("/", summary="Health and status")
+    @app.get("/", summary="Health and status (JSON; a browser asking for text/html first gets the status page)")
     def health(request: Request):
+        if wants_page(request.headers.get("accept")):
+            return Response(page(), media_type=MEDIA_TYPE, headers=page_headers())
         st, gens, http = buffer.stats(), read_statuses(spec), http_processes(ctx)
         status = health_status(st, gens, http)
         trusted = request.scope.get("actdata.authenticated", True)  # error texts only for key holders
@@ -77,6 +83,11 @@ def add_health_routes(app, ctx: RouteContext) -> None:
                         "refused": Counters.as_dict(),
                         "same_host": ctx.same_host}
         return st
+
+    @app.get("/stats/history", summary="Rows/s in and out and fill, one sample a second for the last 15 minutes",
+             responses=BAD_INPUT)
+    def stats_history(since: Optional[float] = Query(None, description="only samples after this unix time")):
+        return read_history(spec.path, since)
 
 
 def add_control_routes(app, ctx: RouteContext) -> None:
