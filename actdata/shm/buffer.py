@@ -71,6 +71,7 @@ from .layout import (
     BufferSpec,
     index_bytes,
 )
+from .lists import NotReady, take
 from .lock import ProcessLock
 from .pages import Populator, prefault
 from .segment import BufferSpaceError
@@ -83,10 +84,6 @@ def _distinct(a: np.ndarray) -> int:
     lock on every read, where np.unique costs ten times as much."""
     s = np.sort(a)
     return int(np.count_nonzero(s[1:] != s[:-1])) + 1
-
-
-class NotReady(RuntimeError):
-    """The buffer cannot serve this request yet (below min_fill, or fewer READY rows than asked)."""
 
 
 class SharedActivationBuffer:
@@ -484,17 +481,10 @@ class SharedActivationBuffer:
         return self._rng
 
     def _take(self, lst: np.ndarray, count_slot: int, k: int) -> np.ndarray:
-        """Remove k uniformly random entries from lst[:n] in O(k) and return them."""
+        """Remove k uniformly random entries from lst[:n] in O(k) and return them (actdata.shm.lists)."""
         n = int(self._h[count_slot])
-        if k <= 0:
-            return np.empty(0, np.int64)
-        pos = self._random().choice(n, size=k, replace=False, shuffle=False)
-        taken = lst[pos].copy()
-        tail = n - k
-        keep = np.ones(k, dtype=bool)
-        keep[pos[pos >= tail] - tail] = False  # tail entries that were themselves taken
-        lst[pos[pos < tail]] = lst[tail:n][keep]  # fill the holes with the surviving tail
-        self._h[count_slot] = tail
+        taken = take(lst, n, k, self._random())
+        self._h[count_slot] = n - len(taken)
         return taken
 
     def _put(self, lst: np.ndarray, count_slot: int, ids: np.ndarray) -> None:
