@@ -55,7 +55,7 @@ class RouteContext:
         same_host = {"path": spec.path, "host": host_identity(), "pid": os.getpid(), "nonce": buffer.nonce,
                      "nbytes": spec.nbytes, "data_offset": buffer.data_offset, "capacity": spec.capacity,
                      "sample_shape": list(spec.sample_shape), "dtype": spec.dtype, "min_fill": spec.min_fill,
-                     "max_reads": spec.max_reads, "provenance": spec.provenance}
+                     "max_reads": spec.max_reads, "provenance": spec.provenance, "max_groups": spec.max_groups}
         return cls(buffer, cfg, row_limits(cfg, spec), MemoryBudget(cfg.server.response_memory_bytes),
                    ResponseBodies(keep_bytes=cfg.server.response_memory_bytes // 2), same_host)
 

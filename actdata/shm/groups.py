@@ -34,6 +34,7 @@ import numpy as np
 from .layout import (
     GROUP_META,
     GROUP_NAME_BYTES,
+    GROUP_POLICIES,
     H_EPOCH,
     H_GROUP_POLICY,
     H_GROUPS_EXPECTED,
@@ -42,21 +43,20 @@ from .layout import (
     H_N_READY,
     H_REFRESHED,
     HF_GROUP_IDLE,
-    MAX_GROUPS,
     READY,
 )
-from .lists import NotReady, take
+from .lists import NotReady, remove_at, take
 
 log = logging.getLogger(__name__)
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 DEFAULT_GROUP = "default"  # the group of a reader that names none, on a buffer with groups
-POLICIES = ("wait", "skip")
 EMPTY, ACTIVE, DRAINING = 0, 1, 2  # DRAINING: dropped, claims still out; its index is reused once they are back
 STATE_NAMES = {ACTIVE: "active", DRAINING: "dropped"}
 # g_meta fields (int64; the last three are float64 in the same memory)
 M_STATE, M_GEN, M_N, M_READ, M_SKIPPED, M_CLAIMS, M_OWED = range(7)
 MF_REGISTERED, MF_SEEN, MF_RATE = 13, 14, 15
 RATE_WINDOW_S = 5.0
+SKIP_SLACK = 0.5  # lag (fraction of capacity) beyond the least-lagging group's that `skip` lets a group keep
 
 
 class GroupRefused(RuntimeError):
@@ -79,19 +79,6 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
         raise GroupRefused(422, f"group: {name!r} is not a group name (1-64 characters of A-Z a-z 0-9 _ . -)")
     return name
-
-
-def config_error(max_groups: int, expected: int, idle_s: float, policy: str) -> Optional[tuple[str, str]]:
-    """(key, message) of the first bad group setting, or None."""
-    if not 0 <= max_groups <= MAX_GROUPS:
-        return "buffer.max_groups", f"must be 0..{MAX_GROUPS} (0 = no consumer groups), got {max_groups}"
-    if not 0 <= expected <= max_groups:
-        return "buffer.groups_expected", f"must be 0..buffer.max_groups={max_groups}, got {expected}"
-    if not idle_s > 0:
-        return "buffer.group_idle_s", f"must be > 0 seconds, got {idle_s}"
-    if policy not in POLICIES:
-        return "buffer.group_lag", f"must be wait or skip, got {policy!r}"
-    return None
 
 
 class GroupTable:
@@ -117,13 +104,13 @@ class GroupTable:
     def configure(self, policy: str = "wait", idle_s: float = 60.0, expected: int = 0) -> None:
         """The creator writes the group settings into the header, where every attached process reads them."""
         h = self.b._h
-        h[H_GROUP_POLICY], h[H_GROUPS_EXPECTED] = POLICIES.index(policy), int(expected)
+        h[H_GROUP_POLICY], h[H_GROUPS_EXPECTED] = GROUP_POLICIES.index(policy), int(expected)
         h[H_GROUPS_RELEASED] = int(expected == 0)
         self.b._hf[HF_GROUP_IDLE] = float(idle_s)
 
     @property
     def policy(self) -> str:
-        return POLICIES[int(self.b._h[H_GROUP_POLICY])]
+        return GROUP_POLICIES[int(self.b._h[H_GROUP_POLICY])]
 
     @property
     def idle_s(self) -> float:
@@ -279,23 +266,45 @@ class GroupTable:
             return entry
 
     def on_full(self, need: int) -> None:
-        """A writer found fewer than `need` free slots: drop idle groups; with `skip`, release the unread
-        rows of the groups that lag most until `need` slots are free (or nothing more can be released)."""
+        """A writer found fewer than `need` free slots: drop idle groups; with `skip`, release rows of the
+        groups that lag: those that owe more than SKIP_SLACK x capacity rows beyond the least-lagging group,
+        each down to that margin: rows that only it still owes first, then rows the least-lagging group has
+        read. The least-lagging group loses nothing, and a group that lags by less (one that just started,
+        or read a little later than the others) is waited for, as with `wait`."""
         self._expire(time.time())
         if self.policy != "skip":
             return
         h, rng = self.b._h, self.b._random()
-        for _ in range(4 * self.count):
+        for _ in range(2 * self.count):
             missing = need - int(h[H_N_FREE])
-            n = np.where(self.meta[:, M_STATE] == ACTIVE, self.meta[:, M_N], 0)
-            g = int(np.argmax(n))
-            if missing <= 0 or n[g] == 0:
+            active = np.nonzero(self.meta[:, M_STATE] == ACTIVE)[0]
+            if missing <= 0 or len(active) < 2:
                 return
-            ids = take(self.ready[g], int(n[g]), min(int(n[g]), missing), rng)
-            self.meta[g, M_N] = n[g] - len(ids)
-            self.meta[g, M_SKIPPED] += len(ids)
-            self.owed[ids] &= ~np.uint64(1 << g)
-            self._settle(ids)
+            n = self.meta[active, M_N]
+            lead, excess = int(active[np.argmin(n)]), n - n.min() - int(SKIP_SLACK * self.capacity)
+            for i in np.argsort(-excess, kind="stable").tolist():
+                if excess[i] <= 0:
+                    return
+                if self._skip(int(active[i]), lead, min(missing, int(excess[i])), rng):
+                    break
+            else:
+                return
+
+    def _skip(self, g: int, lead: int, k: int, rng: np.random.Generator) -> bool:
+        """Release up to k rows of group g's unread list (see on_full); False when none qualifies."""
+        n, bit = int(self.meta[g, M_N]), np.uint64(1 << g)
+        pos = rng.choice(n, size=min(n, 4 * k), replace=False, shuffle=False)
+        owed = self.owed[self.ready[g, pos]]
+        sole, lead_read = owed == bit, (owed & np.uint64(1 << lead)) == 0
+        pos = np.concatenate([pos[sole], pos[lead_read & ~sole]])[:k]
+        if len(pos) == 0:
+            return False
+        ids = remove_at(self.ready[g], n, pos)
+        self.meta[g, M_N] = n - len(ids)
+        self.meta[g, M_SKIPPED] += len(ids)
+        self.owed[ids] &= ~bit
+        self._settle(ids)
+        return True
 
     def _expire(self, now: float) -> None:
         idle = self.idle_s

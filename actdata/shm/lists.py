@@ -13,7 +13,12 @@ def take(lst: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np.ndarra
     """Remove k uniformly random entries from lst[:n] in O(k) and return them (int64); lst[:n - k] keeps the rest."""
     if k <= 0:
         return np.empty(0, np.int64)
-    pos = rng.choice(n, size=k, replace=False, shuffle=False)
+    return remove_at(lst, n, rng.choice(n, size=k, replace=False, shuffle=False))
+
+
+def remove_at(lst: np.ndarray, n: int, pos: np.ndarray) -> np.ndarray:
+    """Remove the entries at the distinct positions `pos` of lst[:n] and return them (int64)."""
+    k = len(pos)
     taken = lst[pos].astype(np.int64)
     tail = n - k
     keep = np.ones(k, dtype=bool)
