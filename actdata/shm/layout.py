@@ -41,6 +41,7 @@ INDEX_ARRAYS = (("state", np.int8), ("reads", np.int32), ("owner", np.int32), ("
                 ("free", np.int64), ("ready", np.int64))
 PROVENANCE_ARRAYS = tuple((name, wire.NUMPY[t]) for name, t in wire.PROVENANCE.items())
 MAX_GROUPS = 64  # one bit per group in a uint64 per slot
+GROUP_POLICIES = ("wait", "skip")  # buffer.group_lag, stored in the header as its index
 GROUP_NAME_BYTES = 64
 GROUP_META = 16  # int64/float64 fields per group (actdata.shm.groups)
 
