@@ -135,8 +135,9 @@ def test_group_routes_limits_names_and_api_key(start_server):
                         "server.api_key=sekret", "buffer.group_idle_s=600")
     key = {"Authorization": "Bearer sekret"}
     url = srv.url
-    for method, path, body in (("GET", "/groups", None), ("POST", "/groups", {"name": "a"}),
-                               ("DELETE", "/groups/a", None), ("GET", "/activations/tensor?num_samples=1&group=a", None)):
+    calls = (("GET", "/groups", None), ("POST", "/groups", {"name": "a"}), ("DELETE", "/groups/a", None),
+             ("GET", "/activations/tensor?num_samples=1&group=a", None))
+    for method, path, body in calls:
         r = requests.request(method, url + path, json=body)
         assert r.status_code == 401 and "API key" in r.json()["detail"]
     assert requests.post(url + "/groups", json={"name": "a"}, headers=key).json()["name"] == "a"
@@ -218,3 +219,26 @@ def test_directory_reader_reads_as_a_group(start_server):
         assert set(seen["x"].ids) & set(seen["y"].ids)  # the same stream, read by both
     finally:
         d.stop()
+
+
+def test_group_memory_is_in_the_estimate_and_a_start_that_does_not_fit_is_refused(tmp_path):
+    """8 bytes per group per row slot (plus 16 per slot) are counted before anything is allocated: 50M rows
+    of 64 bytes (5 GB with the index) take 30 GB with 64 groups, more than /dev/shm here: refused in one line."""
+    import os
+    import subprocess
+    import sys
+
+    from test_config import load
+
+    from actdata.config import estimate_bytes
+
+    base = estimate_bytes(load("+preset=test", "buffer.size=100000"), (16,))
+    grouped = estimate_bytes(load("+preset=test", "buffer.size=100000", "buffer.max_groups=8"), (16,))
+    assert grouped - base >= 100_000 * (8 * 8 + 16)
+    prefix = "t19toobig"
+    r = subprocess.run([sys.executable, "-m", "actdata.serve", "+preset=test", "generator.source=synthetic",
+                        "buffer.activation_dim=16", "buffer.size=50000000", "buffer.max_groups=64",
+                        "server.log_file=null", f"buffer.prefix={prefix}"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "GB free" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
