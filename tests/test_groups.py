@@ -242,3 +242,35 @@ def test_group_memory_is_in_the_estimate_and_a_start_that_does_not_fit_is_refuse
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "GB free" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
+
+
+def test_a_reader_killed_mid_read_does_not_hold_its_groups_rows():
+    """A process that claimed rows for a group and died before releasing them: the periodic reclaim frees
+    them (counted as read by that group, as without groups), so the writer is not blocked for good."""
+    import multiprocessing as mp
+    import os
+
+    from actdata.shm import SharedActivationBuffer
+
+    buf = SharedActivationBuffer.create(64, (4,), prefix="t19reclaim", max_groups=2)
+    try:
+        buf.groups.configure("wait", 60.0, 0)
+        buf.groups.register("a")
+        buf.write(torch.zeros(64, 4))
+        assert buf.stats()["free"] == 0
+
+        def die_mid_read():
+            buf.claim_ready(48, group="a")
+            os._exit(0)
+
+        p = mp.get_context("fork").Process(target=die_mid_read)
+        p.start()
+        p.join()
+        assert buf.stats()["free"] == 0  # the dead process's 48 claims still hold their slots
+        assert buf.reclaim_orphans() == 48
+        st = buf.stats()
+        assert st["free"] == 48 and st["groups"][0]["lag"] == 16
+        ids, _ = buf.read(16, group="a")  # the rest is still the group's to read, once
+        assert buf.stats()["free"] == 64
+    finally:
+        buf.close()
