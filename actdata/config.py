@@ -63,6 +63,10 @@ class BufferConfig:
     prefix: str = "actdata"  # segment names start with this; stale ones of dead runs are reclaimed
     warm_start: Optional[str] = None  # a store (see `store`): fill the buffer from it first, then generate
     reserve: bool = True  # allocate the file's space at start (fallocate): no SIGBUS when the filesystem fills
+    max_groups: int = 0  # consumer groups (each receives every row; 0 = off, as before); up to 64
+    groups_expected: int = 0  # hold serving until this many groups have registered (a sweep loses no row)
+    group_idle_s: float = 60.0  # a group that reads nothing for this long is dropped and its rows released
+    group_lag: str = "wait"  # wait: the slowest group sets the pace; skip: a lagging group's unread rows are released
 
 
 @dataclass
@@ -284,11 +288,12 @@ def synthetic_shape(cfg: Config) -> tuple[int, ...]:
 
 
 def estimate_bytes(cfg: Config, shape: tuple[int, ...]) -> int:
-    """Bytes the buffer will take: rows plus the per-slot index arrays (see buffer.py)."""
+    """Bytes the buffer will take: rows plus the per-slot index arrays and group region (actdata.shm.layout)."""
     from .shm.layout import index_bytes
     from .wire import row_bytes
 
-    return cfg.buffer.size * row_bytes(shape, cfg.buffer.dtype) + index_bytes(cfg.buffer.size, cfg.generator.provenance)
+    b = cfg.buffer
+    return b.size * row_bytes(shape, b.dtype) + index_bytes(b.size, cfg.generator.provenance, b.max_groups, b.max_reads)
 
 
 def human_bytes(n: float) -> str:
@@ -340,6 +345,14 @@ def validate(cfg: Config) -> None:
                f"must be a non-empty list of positive sizes, got {list(b.sample_shape)}")
     _check(0.0 <= b.min_fill <= 1.0, "buffer.min_fill", f"must be a fraction in [0, 1], got {b.min_fill}")
     _check(b.max_reads >= 1, "buffer.max_reads", f"must be >= 1 (1 = serve each row once), got {b.max_reads}")
+    from .shm.layout import GROUP_POLICIES, MAX_GROUPS
+
+    _check(0 <= b.max_groups <= MAX_GROUPS, "buffer.max_groups",
+           f"must be 0..{MAX_GROUPS} (0 = no consumer groups), got {b.max_groups}")
+    _check(0 <= b.groups_expected <= b.max_groups, "buffer.groups_expected",
+           f"must be 0..buffer.max_groups={b.max_groups}, got {b.groups_expected}")
+    _check(b.group_idle_s > 0, "buffer.group_idle_s", f"must be > 0 seconds, got {b.group_idle_s}")
+    _check(b.group_lag in GROUP_POLICIES, "buffer.group_lag", f"must be wait or skip, got {b.group_lag!r}")
     _check(bool(b.prefix) and "/" not in b.prefix, "buffer.prefix", "must be a non-empty name without '/'")
     if b.path is not None:
         parent = b.path if os.path.isdir(b.path) else (os.path.dirname(os.path.abspath(b.path)) or ".")

@@ -60,6 +60,11 @@ def test_env_preset_defaults(monkeypatch):
     ("buffer.dtype=int8", "buffer.dtype"),
     ("buffer.min_fill=1.5", "buffer.min_fill"),
     ("buffer.max_reads=0", "buffer.max_reads"),
+    ("buffer.max_groups=65", "buffer.max_groups"),
+    ("buffer.max_groups=-1", "buffer.max_groups"),
+    ("buffer.groups_expected=3", "buffer.groups_expected"),  # more than buffer.max_groups (0)
+    ("buffer.group_idle_s=0", "buffer.group_idle_s"),
+    ("buffer.group_lag=drop", "buffer.group_lag"),
     ("server.port=70000", "server.port"),
     ("server.host=example.com", "server.host"),
     ("server.workers=0", "server.workers"),

@@ -1,6 +1,7 @@
 """The control API of an actdata server (`ActivationClient`) and its demo, `python -m actdata.client`.
 
-`ActivationClient(url)`: health, stats, waiting for data, JSON and tensor batches, statistics, refresh.
+`ActivationClient(url)`: health, stats, waiting for data, JSON and tensor batches, statistics, refresh,
+consumer groups (`group=`: every batch is read as that group; `groups()`, `register_group()`, `drop_group()`).
 Control routes go through one `requests.Session` (keep-alive); tensor batches through a `TensorReader`
 (actdata.reading.tensor_reader).
 
@@ -91,14 +92,16 @@ class ActivationClient:
     """
 
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 30.0,
-                 retry_for_s: float = 30.0, backoff: float = 0.1, max_backoff: float = 5.0):
+                 retry_for_s: float = 30.0, backoff: float = 0.1, max_backoff: float = 5.0,
+                 group: Optional[str] = None):
         self.url = resolve_url(url)
         self.timeout = float(timeout)
         self.retry = RetryPolicy(retry_for_s, backoff, max_backoff)
         key = resolve_api_key(api_key)
         self.session = requests.Session()
         self.session.headers.update({"Accept-Encoding": "identity", **bearer(key)})
-        self._reader = TensorReader(self.url, key, timeout=timeout, retry=self.retry)
+        self.group = group  # consumer group of the batches read (see groups())
+        self._reader = TensorReader(self.url, key, timeout=timeout, retry=self.retry, group=group)
         self._limits: Optional[ServerLimits] = None  # asked once, on the first tensor batch
 
     # -- plumbing -------------------------------------------------------------------------------------
@@ -181,7 +184,8 @@ class ActivationClient:
     def get_activations(self, num_samples: int) -> dict:
         """`GET /activations` (JSON): activations (nested lists), shape, dtype, num_samples, indices,
         buffer_stats. Slow for large batches; use get_activations_tensor."""
-        return self._request("GET", wire.JSON_PATH, params={"num_samples": int(num_samples)}).json()
+        params = {"num_samples": int(num_samples), **({"group": self.group} if self.group else {})}
+        return self._request("GET", wire.JSON_PATH, params=params).json()
 
     def get_activations_tensor(self, num_samples: int, provenance: bool = False):
         """(tensor [num_samples, *sample_shape], metadata) from `GET /activations/tensor`, read straight
@@ -219,6 +223,19 @@ class ActivationClient:
     def get_scaling_factor(self) -> list:
         """Per capture point, the factor that makes the mean squared norm of scaled rows equal their width."""
         return scaling_factor(self.get_statistics())
+
+    def groups(self) -> dict:
+        """`GET /groups`: {"groups": [{name, state, rows_read, lag, rows_per_s, rows_skipped, last_seen,
+        registered}], "group_policy", "max_groups", "groups_expected"}."""
+        return self._request("GET", "/groups").json()
+
+    def register_group(self, name: Optional[str] = None) -> dict:
+        """`POST /groups`: register `name` (default: this client's group) before its first read."""
+        return self._request("POST", "/groups", json={"name": name or self.group}).json()
+
+    def drop_group(self, name: Optional[str] = None) -> dict:
+        """`DELETE /groups/NAME`: drop the group now (default: this client's); its unread rows are released."""
+        return self._request("DELETE", f"/groups/{name or self.group}").json()
 
     def refresh(self) -> dict:
         """`POST /refresh`: every ready row is dropped and regenerated; returns {"refreshed": n, ...}."""

@@ -112,7 +112,9 @@ class RemoteActivationDataset(IterableDataset):
     kernel autotuning), rank / world_size (None = from torch.distributed or $RANK / $WORLD_SIZE), local
     (False = HTTP even on the server's host), provenance (True = each batch is a `ProvenanceBatch`
     (activations, token_ids, positions, doc_ids), read from the same-host buffer or over HTTP; the server needs
-    generator.provenance=true). The last batch of a shard is smaller when `max_samples` does not divide
+    generator.provenance=true), group (a consumer group name, shared by all workers and ranks of this trainer:
+    the trainer receives every row of the stream once, whatever other groups read; the server needs
+    buffer.max_groups > 0). The last batch of a shard is smaller when `max_samples` does not divide
     evenly.
     """
 
@@ -121,11 +123,12 @@ class RemoteActivationDataset(IterableDataset):
                  dtype: Optional[torch.dtype] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry_for_s: float = 120.0, rcvbuf: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, local: bool = True,
-                 provenance: bool = False):
+                 provenance: bool = False, group: Optional[str] = None):
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.provenance = bool(provenance)
+        self.group = group  # consumer group: every worker and rank of this trainer reads as it
         for name, v in (("max_batches", max_batches), ("max_samples", max_samples)):
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {v}")

@@ -110,12 +110,13 @@ class DirectoryReader:
 
     def __init__(self, url: str, index: int, shards: int, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry_for_s: float = 120.0, rcvbuf: Optional[int] = None, refresh_s: float = 2.0,
-                 server_retry_s: float = 1.0, cooldown_s: float = 5.0):
+                 server_retry_s: float = 1.0, cooldown_s: float = 5.0, group: Optional[str] = None):
         self.directory = DirectoryClient(url, api_key, timeout=min(timeout, 10.0))
         self.url, self.index, self.shards = self.directory.url, index, shards
         self.api_key, self.timeout, self.rcvbuf = resolve_api_key(api_key), timeout, rcvbuf
         self.retry_for_s, self.refresh_s = float(retry_for_s), float(refresh_s)
         self.server_retry_s, self.cooldown_s = float(server_retry_s), float(cooldown_s)
+        self.group = group  # the consumer group read as on every server (each server keeps its own groups)
         self._readers: dict[str, TensorReader] = {}
         self._order: list[str] = []
         self._set_aside: dict[str, float] = {}  # url -> until when it is not read
@@ -135,7 +136,8 @@ class DirectoryReader:
         for u in mine:
             if u not in self._readers:
                 self._readers[u] = TensorReader(u, self.api_key, timeout=self.timeout,
-                                                retry=RetryPolicy(self.server_retry_s), rcvbuf=self.rcvbuf)
+                                                retry=RetryPolicy(self.server_retry_s), rcvbuf=self.rcvbuf,
+                                                group=self.group)
         self._order = mine
 
     def first_server(self) -> str:

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from ..host import host_identity, pid_alive
-from ..shm import BufferSpec, NotReady, SharedActivationBuffer
+from ..shm import BufferSpec, GroupRefused, NotReady, SharedActivationBuffer
+from .failures import ActivationServerError
 
 
 class SameHostGone(RuntimeError):
@@ -67,7 +68,7 @@ def _published_spec(published: dict) -> BufferSpec:
     return BufferSpec(str(published["path"]), int(published["capacity"]),
                       tuple(int(x) for x in published["sample_shape"]), str(published["dtype"]),
                       float(published["min_fill"]), int(published["max_reads"]),
-                      bool(published.get("provenance", False)))
+                      bool(published.get("provenance", False)), int(published.get("max_groups", 0)))
 
 
 class SameHostReader:
@@ -90,21 +91,26 @@ class SameHostReader:
         except OSError:
             return False
 
-    def read(self, out: torch.Tensor, wait_s: float, provenance: Optional[dict] = None) -> torch.Tensor:
+    def read(self, out: torch.Tensor, wait_s: float, provenance: Optional[dict] = None,
+             group: Optional[str] = None) -> torch.Tensor:
         """Fill `out` [k, *sample_shape] with k claimed rows (and the tensors of `provenance`,
         {"token_ids", "positions", "doc_ids"} [k], with their origin, when given); waits while fewer than k are ready
         (or the buffer is below min_fill) for up to `wait_s` seconds, then raises SameHostGone, as it does at once
-        when the server's process or file is gone (rows left in a dead server's memory are not served)."""
+        when the server's process or file is gone (rows left in a dead server's memory are not served).
+        `group`: read as that consumer group (the buffer's group claim; a refused group raises
+        ActivationServerError with the status the HTTP route would answer)."""
         k, deadline, sleep = len(out), time.monotonic() + wait_s, self.poll_s
         if not self.alive():  # one stat call: rows left in a stopped server's memory are not served
             raise SameHostGone(f"{self.spec.path} was removed (server stopped)")
         while True:
             try:
                 if provenance is None:
-                    self.buffer.read(k, out=out)
+                    self.buffer.read(k, out=out, group=group)
                 else:
-                    self.buffer.read_provenance(k, out=out, prov_out=provenance)
+                    self.buffer.read_provenance(k, out=out, prov_out=provenance, group=group)
                 return out
+            except GroupRefused as e:
+                raise ActivationServerError(f"{self.spec.path}: {e}", status=e.status, detail=str(e)) from None
             except NotReady as e:
                 if not self.alive():
                     raise SameHostGone(f"{self.spec.path} was removed (server stopped)") from None

@@ -52,7 +52,8 @@ class Source:
         with ActivationClient(url, api_key=ds.api_key, timeout=ds.timeout, retry_for_s=ds.retry_for_s) as client:
             self.limits = client.limits()
         self.sample_shape, self.dtype, self.max_rows = self.limits.sample_shape, self.limits.dtype, self.limits.max_rows
-        self.http = http or TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf)
+        self.http = http or TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf,
+                                         group=ds.group)
         self.directory = http is not None  # a cluster's directory: rows come from whichever of its servers serves
         self.local = None
         if ds.local and not self.directory:
@@ -91,7 +92,7 @@ class Source:
             from .samehost import SameHostGone
 
             try:
-                self.local.read(out, wait_s=self.ds.retry_for_s, provenance=provenance)
+                self.local.read(out, wait_s=self.ds.retry_for_s, provenance=provenance, group=self.ds.group)
                 return
             except SameHostGone as e:
                 log.warning("%s: same-host path stopped (%s); reading over HTTP", self.url, e)
@@ -161,7 +162,7 @@ class Stream:
             return None
         shard = ds.shard()
         reader = DirectoryReader(ds.urls[0], shard.index, shard.count, ds.api_key, timeout=ds.timeout,
-                                 retry_for_s=ds.retry_for_s, rcvbuf=ds.rcvbuf)
+                                 retry_for_s=ds.retry_for_s, rcvbuf=ds.rcvbuf, group=ds.group)
         return [Source(reader.first_server(), ds, self.retry, http=reader)]
 
     @property

@@ -70,7 +70,7 @@ class TensorReader:
     SPREAD_TRIES = 6
 
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
-                 retry: Optional[RetryPolicy] = None, rcvbuf: Optional[int] = None):
+                 retry: Optional[RetryPolicy] = None, rcvbuf: Optional[int] = None, group: Optional[str] = None):
         url = resolve_url(url)
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -80,6 +80,7 @@ class TensorReader:
         self._port = u.port or (443 if self._https else 80)
         self._path = u.path.rstrip("/") + wire.TENSOR_PATH
         self.timeout, self.rcvbuf = float(timeout), rcvbuf
+        self.group = group  # the consumer group read as (actdata.shm.groups); None = the server's default
         self.retry = retry or RetryPolicy()
         key = resolve_api_key(api_key)
         self._headers = {"Accept-Encoding": "identity", **bearer(key)}
@@ -133,6 +134,7 @@ class TensorReader:
     def _attempt(self, num_samples: int, empty: Optional[Callable], out: Optional[torch.Tensor],
                  provenance: bool = False):
         query = f"num_samples={int(num_samples)}" + (f"&{wire.PROVENANCE_QUERY}=1" if provenance else "")
+        query += f"&group={urllib.parse.quote(self.group)}" if self.group else ""
         for fresh_retry in (False, True):
             reused = self._conn is not None and self._requests_on_conn > 0
             try:

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config
 from ..generation.status import read_statuses
@@ -55,7 +56,7 @@ class RouteContext:
         same_host = {"path": spec.path, "host": host_identity(), "pid": os.getpid(), "nonce": buffer.nonce,
                      "nbytes": spec.nbytes, "data_offset": buffer.data_offset, "capacity": spec.capacity,
                      "sample_shape": list(spec.sample_shape), "dtype": spec.dtype, "min_fill": spec.min_fill,
-                     "max_reads": spec.max_reads, "provenance": spec.provenance}
+                     "max_reads": spec.max_reads, "provenance": spec.provenance, "max_groups": spec.max_groups}
         return cls(buffer, cfg, row_limits(cfg, spec), MemoryBudget(cfg.server.response_memory_bytes),
                    ResponseBodies(keep_bytes=cfg.server.response_memory_bytes // 2), same_host)
 
@@ -87,6 +88,20 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error(422, "; ".join(parts) or "invalid request")
 
 
+async def _not_allowed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's 405 names only the methods of the first route of the path: name those of every route
+    (GET and POST /groups are two routes)."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        methods = set()
+        for route in request.app.router.routes:
+            if getattr(route, "path_regex", None) is not None and route.path_regex.match(request.url.path):
+                methods |= set(getattr(route, "methods", None) or ())
+        headers["Allow"] = ", ".join(sorted(methods)) or headers.get("Allow", "")
+    return error(exc.status_code, str(exc.detail), headers)
+
+
 def add_error_handler(app) -> None:
-    """Bad query parameters answer 422 with one line naming them."""
+    """Bad query parameters answer 422 with one line naming them; a 405 names every method of its path."""
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _not_allowed)

@@ -5,7 +5,8 @@ The routes are added to LitServe's FastAPI app before it runs, so they run in ev
 request never crosses a process boundary, is never pickled, JSON-encoded or gzipped on the tensor route.
 
 Routes: GET / (health), GET /stats, GET /activations/tensor, GET /activations (actdata.serving.routes_data),
-GET /statistics, POST /refresh (actdata.serving.routes_status), GET /metrics (Prometheus). In front of
+GET /statistics, POST /refresh (actdata.serving.routes_status), GET/POST /groups and DELETE /groups/NAME
+(actdata.serving.routes_groups), GET /metrics (Prometheus). In front of
 them: the header-size and API-key guard (actdata.serving.guard), outermost the request metrics.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import Config
 from ..shm import SharedActivationBuffer
-from . import routes_data, routes_status
+from . import routes_data, routes_groups, routes_status
 from .answers import RouteContext, add_error_handler
 from .guard import Guard
 from .litserve_compat import ActdataLitServer
@@ -33,6 +34,7 @@ def add_routes(app, buffer: SharedActivationBuffer, cfg: Config) -> None:
     routes_data.add_tensor_route(app, ctx)
     routes_data.add_json_route(app, ctx)
     routes_status.add_control_routes(app, ctx)
+    routes_groups.add_group_routes(app, ctx)
     add_error_handler(app)
 
 

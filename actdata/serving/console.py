@@ -82,10 +82,18 @@ def watch(url: str, cfg: Config, buffer, sup: Supervisor, stop: threading.Event)
         elif cfg.server.status_interval_s and time.time() - last_line >= cfg.server.status_interval_s:
             if tty and last_line == 0.0:
                 print(file=sys.stderr)
-            log.info("fill %5.1f%% | in %s rows/s | out %s rows/s (%.1f MB/s) | %s", 100 * st["fill"],
+            log.info("fill %5.1f%% | in %s rows/s | out %s rows/s (%.1f MB/s) | %s%s", 100 * st["fill"],
                      f"{st['writes_per_s']:,.0f}", f"{st['reads_per_s']:,.0f}",
-                     st["reads_per_s"] * st["row_bytes"] / 1e6, gens)
+                     st["reads_per_s"] * st["row_bytes"] / 1e6, gens, slowest_group(st["groups"]))
             last_line = time.time()
+
+
+def slowest_group(groups: list[dict]) -> str:
+    """' | N groups, slowest NAME (lag L rows, R rows/s)' for the status line; '' without groups."""
+    if not groups:
+        return ""
+    g = max(groups, key=lambda g: g["lag"])
+    return f" | {len(groups)} groups, slowest {g['name']} (lag {g['lag']:,} rows, {g['rows_per_s']:,.0f} rows/s)"
 
 
 def guarded(fn):

@@ -120,7 +120,9 @@ def serve(cfg: Config, release_on_exit: bool = False) -> None:
 
     buffer = SharedActivationBuffer.create(b.size, shape, b.dtype, min_fill=b.min_fill, max_reads=b.max_reads,
                                            path=b.path, prefix=b.prefix, provenance=cfg.generator.provenance,
-                                           reserve=b.reserve)
+                                           reserve=b.reserve, max_groups=b.max_groups)
+    if buffer.groups is not None:  # consumer groups: settings every process reads from the buffer's header
+        buffer.groups.configure(b.group_lag, b.group_idle_s, b.groups_expected)
     if state:
         log.info("generator state (corpus positions, statistics) in %s", state)
     stop = threading.Event()

@@ -17,7 +17,7 @@ from ..generation.status import read_statuses
 from ..shm import SharedActivationBuffer
 from ..shm.lock import ProcessLock
 
-ROUTES = ("/activations/tensor", "/activations", "/stats", "/", "/refresh", "/metrics", "other")
+ROUTES = ("/activations/tensor", "/activations", "/stats", "/", "/refresh", "/metrics", "/groups", "other")
 CLASSES = ("2xx", "4xx", "5xx")
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
 # per route: [requests by class] [bucket counts] [latency sum, microseconds] [body bytes]
@@ -97,6 +97,22 @@ class MetricsMiddleware:
             self.metrics.observe(scope["path"], status, time.perf_counter() - t0, sent)
 
 
+def _group_families(groups: list[dict]):
+    """Per consumer group (actdata.shm.groups): rows read, lag, rows skipped, rows/s."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    fams = (CounterMetricFamily("actdata_group_rows_read", "Rows read by each consumer group", labels=["group"]),
+            GaugeMetricFamily("actdata_group_lag_rows", "Rows ready to each group that it has not read",
+                              labels=["group"]),
+            CounterMetricFamily("actdata_group_rows_skipped", "Rows a lagging group missed (buffer.group_lag=skip)",
+                                labels=["group"]),
+            GaugeMetricFamily("actdata_group_rows_per_second", "Rows/s read by each group", labels=["group"]))
+    for g in groups:
+        for fam, key in zip(fams, ("rows_read", "lag", "rows_skipped", "rows_per_s")):
+            fam.add_metric([g["name"]], g[key])
+    return fams
+
+
 def render(buffer: SharedActivationBuffer, metrics: ServingMetrics) -> bytes:
     """The Prometheus text exposition of the server's state."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -144,6 +160,7 @@ def render(buffer: SharedActivationBuffer, metrics: ServingMetrics) -> bytes:
                 buckets = [("+Inf" if b == float("inf") else repr(b), int(n)) for b, n in zip(BUCKETS, counts)]
                 hist.add_metric([route], buckets, sum_value=row[-2] / 1e6)
             yield from (reqs, out, hist)
+            yield from _group_families(st["groups"])
 
     reg = CollectorRegistry()
     reg.register(_Collector())

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Optional
 
 import torch
 from fastapi import Query
 from fastapi.responses import Response
 
 from .. import wire
-from ..shm import NotReady
+from ..shm import GroupRefused, NotReady
 from .answers import BAD_INPUT, NOT_READY, RouteContext, error
 from .responses import BudgetedResponse, BudgetedStream
+from .routes_groups import GROUP_REFUSED, group_query
 
 NO_PROVENANCE = ("provenance: this server keeps no provenance; start it with generator.provenance=true "
                  "to ask for provenance=1")
 
 
-def _provenance_body(ctx: RouteContext, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _provenance_body(ctx: RouteContext, k: int, group: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(memory to lend, a safetensors body over its start) for k rows + provenance, filled in place
     (see wire.tensors_layout)."""
     buffer, spec = ctx.buffer, ctx.spec
@@ -31,7 +33,7 @@ def _provenance_body(ctx: RouteContext, k: int) -> tuple[torch.Tensor, torch.Ten
     body[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
     views = wire.tensor_views(body, specs, offsets)
     rows = views.pop("activations")
-    buffer.read_provenance(k, out=rows, prov_out=views)
+    buffer.read_provenance(k, out=rows, prov_out=views, group=group)
     return mem, body
 
 
@@ -47,8 +49,9 @@ def add_tensor_route(app, ctx: RouteContext) -> None:
              "with provenance=1 a safetensors body: activations, token_ids, positions, doc_ids",
              response_class=Response,
              responses={200: {"content": {wire.MEDIA_TYPE: {}, wire.SAFETENSORS_MEDIA_TYPE: {}}},
-                        **BAD_INPUT, **NOT_READY})
-    async def activations_tensor(num_samples: int = NumSamples, provenance: bool = Provenance):
+                        **BAD_INPUT, **NOT_READY, **GROUP_REFUSED})
+    async def activations_tensor(num_samples: int = NumSamples, provenance: bool = Provenance,
+                                 group: Optional[str] = group_query(spec)):
         if provenance and not spec.provenance:
             return error(422, NO_PROVENANCE)
         cost = 2 * num_samples * (spec.row_bytes + (prov_bytes if provenance else 0))
@@ -57,16 +60,18 @@ def add_tensor_route(app, ctx: RouteContext) -> None:
         try:
             with budget.held(cost):
                 if provenance:  # one safetensors body: rows and provenance gathered into place
-                    t, filled = _provenance_body(ctx, num_samples)
+                    t, filled = _provenance_body(ctx, num_samples, group)
                     body, media = filled.numpy().data, wire.SAFETENSORS_MEDIA_TYPE
                     headers = {wire.TENSORS_FORMAT: "safetensors", "Content-Encoding": "identity"}
                 else:
                     t, out = pool.rows(num_samples, spec.sample_shape, buffer.data.dtype)
-                    _, rows = buffer.read(num_samples, out=out)
+                    _, rows = buffer.read(num_samples, out=out, group=group)
                     (body, headers), media = wire.encode(rows), wire.MEDIA_TYPE
                 pool.lend(t, body)
         except NotReady as e:
             return ctx.not_ready(e)
+        except GroupRefused as e:
+            return error(e.status, str(e))
         # this HTTP process, as index/count (LitServe sets the index on the app before forking each one)
         headers[wire.PROCESS] = f"{getattr(app, 'response_queue_id', 0)}/{cfg.server.workers}"
         return BudgetedResponse(content=body, media_type=media, headers=headers, budget=budget, cost=cost)
@@ -82,8 +87,8 @@ def add_json_route(app, ctx: RouteContext) -> None:
     @app.get(wire.JSON_PATH, summary="Random rows as JSON (slow; for inspection and small clients)",
              description=f"At most {max_json} rows: the JSON text of one answer stays within "
                          f"server.max_json_bytes = {cfg.server.max_json_bytes:,} bytes.",
-             responses={**BAD_INPUT, **NOT_READY})
-    def activations_json(num_samples: int = NumSamplesJson):
+             responses={**BAD_INPUT, **NOT_READY, **GROUP_REFUSED})
+    def activations_json(num_samples: int = NumSamplesJson, group: Optional[str] = group_query(spec)):
         prov = None
         if num_samples > max_json:
             return error(422, f"num_samples: at most {max_json} rows as JSON (server.max_json_bytes="
@@ -94,11 +99,13 @@ def add_json_route(app, ctx: RouteContext) -> None:
         try:
             with budget.held(cost):
                 if spec.provenance:
-                    ids, rows, prov = buffer.read_provenance(num_samples)
+                    ids, rows, prov = buffer.read_provenance(num_samples, group=group)
                 else:
-                    ids, rows = buffer.read(num_samples)
+                    ids, rows = buffer.read(num_samples, group=group)
         except NotReady as e:
             return ctx.not_ready(e)
+        except GroupRefused as e:
+            return error(e.status, str(e))
         meta = {"shape": list(rows.shape), "dtype": spec.dtype, "num_samples": len(ids), "indices": ids.tolist(),
                 "buffer_stats": buffer.stats()}
         if prov is not None:  # generator.provenance=true: token id, position and context id of each row

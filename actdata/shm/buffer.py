@@ -1,21 +1,10 @@
 """SharedActivationBuffer: a shared-memory tensor of activation rows that writers fill and readers drain.
 
 What it keeps, in one memory-mapped file (POSIX shm in /dev/shm by default, any file when a path is
-given) that every process attaches to by path:
-
-    header   counters (free/ready/writing/reading counts, rows written/read, refresh epoch, ...)
-    state    int8  [capacity]  FREE -> WRITING -> READY -> READING -> FREE (or READY again)
-    reads    int32 [capacity]  times the row was served since it was written
-    owner    int32 [capacity]  pid of the process holding a WRITING/READING claim (reclaimed if it dies)
-    origin   int64 [capacity]  the context a row came from (for the batch-mixing statistic)
-    free     int64 [capacity]  list of FREE slot ids (first n_free entries valid)
-    ready    int64 [capacity]  list of READY slot ids (first n_ready entries valid)
-    -- only with provenance (BufferSpec.provenance, generator.provenance=true); -1 where a writer gave none:
-    token_ids int32 [capacity] the token at the row's position
-    positions int32 [capacity] the row's position in its context (0 = BOS)
-    doc_ids   int64 [capacity] the row's context id: (g << 40) | context counter of generator g, unique
-                               across the generators of every node
-    data     [capacity, *sample_shape] rows, page-aligned (offsets: actdata.shm.layout)
+given) that every process attaches to by path: a header of counters, per-slot index arrays (state FREE ->
+WRITING -> READY -> READING -> FREE or READY again, reads, owner pid of a claim, origin, the free and ready
+lists), provenance arrays when asked, the consumer groups' region when `max_groups` > 0
+(actdata.shm.groups), and the rows, page-aligned. The offsets are actdata.shm.layout's.
 
 Provenance is written with the rows, into slots the writer claimed, and read out with the rows under the
 reader's claim (`read_provenance`), so it always describes the row it is served with.
@@ -41,6 +30,7 @@ import torch
 from .. import wire
 from ..host import pid_alive
 from . import segment, sidefiles
+from .groups import GroupClaim, GroupTable, group_claim
 from .layout import (
     FREE,
     H_BATCHES,
@@ -69,8 +59,8 @@ from .layout import (
     READY,
     WRITING,
     BufferSpec,
-    index_bytes,
 )
+from .lists import NotReady, take
 from .lock import ProcessLock
 from .pages import Populator, prefault
 from .scatter import scatter
@@ -84,10 +74,6 @@ def _distinct(a: np.ndarray) -> int:
     lock on every read, where np.unique costs ten times as much."""
     s = np.sort(a)
     return int(np.count_nonzero(s[1:] != s[:-1])) + 1
-
-
-class NotReady(RuntimeError):
-    """The buffer cannot serve this request yet (below min_fill, or fewer READY rows than asked)."""
 
 
 class SharedActivationBuffer:
@@ -117,22 +103,24 @@ class SharedActivationBuffer:
         self._rng_pid, self._rng = None, None
         self._rate_samples: list[tuple[float, int, int]] = []  # (time, written, read), for sample_rates
         self._populating: Optional[Populator] = None
+        self.groups = GroupTable(self) if spec.max_groups else None  # consumer groups (actdata.shm.groups)
 
     # -- life cycle -----------------------------------------------------------------------------
     @classmethod
     def create(cls, capacity: int, sample_shape, dtype: str = "float32", *, min_fill: float = 0.0,
                max_reads: int = 1, path: Optional[str] = None, prefix: str = "actdata",
-               provenance: bool = False, reserve: bool = False) -> "SharedActivationBuffer":
+               provenance: bool = False, reserve: bool = False, max_groups: int = 0) -> "SharedActivationBuffer":
         """Create a new buffer file. `path`: None = /dev/shm, a directory, or a file path to create (a
         file left by a killed server is replaced; one whose owner lives is refused). `reserve`: allocate
         all of its space now (fallocate); otherwise each writer allocates a slot's space before its first
-        write into it, and a full filesystem pauses writing (BufferSpaceError) instead of a SIGBUS."""
+        write into it, and a full filesystem pauses writing (BufferSpaceError) instead of a SIGBUS.
+        `max_groups`: room for that many consumer groups (configure them with `buffer.groups.configure`)."""
         if dtype not in wire.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype!r}")
         directory = path or segment.SHM_DIR
         file_path = os.path.join(directory, segment.segment_name(prefix)) if os.path.isdir(directory) else directory
         spec = BufferSpec(file_path, int(capacity), tuple(int(x) for x in sample_shape), dtype,
-                          float(min_fill), int(max_reads), bool(provenance))
+                          float(min_fill), int(max_reads), bool(provenance), int(max_groups))
         if os.path.exists(file_path):  # an explicit file: left by a killed server, or in use by a live one
             if segment.owner_alive(file_path):
                 raise BufferSpaceError(f"buffer.path: {file_path} is in use by a running server")
@@ -149,7 +137,7 @@ class SharedActivationBuffer:
             os.ftruncate(fd, spec.nbytes)  # sparse: no page is touched until written
             # allocate now: the header and index arrays always (every claim writes them), the rows too when
             # `reserve`; a full filesystem then refuses the start instead of a SIGBUS later
-            segment.reserve(fd, 0, spec.nbytes if reserve else index_bytes(spec.capacity, spec.provenance), file_path)
+            segment.reserve(fd, 0, spec.nbytes if reserve else spec.layout["data"], file_path)
             mm = mmap.mmap(fd, spec.nbytes)
         except BaseException:
             os.close(fd)
@@ -189,7 +177,7 @@ class SharedActivationBuffer:
                 except OSError:
                     pass
         self._owner_lock_fd = self._space_fd = None
-        self.data = self._bytes = self._h = self._hf = None  # drop views of the map before closing it
+        self.data = self._bytes = self._h = self._hf = self.groups = None  # drop views of the map before closing it
         self._state = self._reads = self._owner = self._origin = self._free = self._ready = self._prov = None
         try:
             self._mm.close()
@@ -215,6 +203,8 @@ class SharedActivationBuffer:
     def claim_free(self, k: int) -> np.ndarray:
         """Claim up to k random FREE slots (fewer if fewer are free) and mark them WRITING."""
         with self._lock:
+            if self.groups is not None and k > self._h[H_N_FREE]:  # idle groups dropped; `skip` makes room
+                self.groups.on_full(int(k))
             k = min(int(k), int(self._h[H_N_FREE]))
             ids = self._take(self._free, H_N_FREE, k)
             self._state[ids] = WRITING
@@ -228,7 +218,7 @@ class SharedActivationBuffer:
             self._origin[ids] = -1 if origin is None else origin
             self._reads[ids] = 0
             self._state[ids] = READY
-            self._put(self._ready, H_N_READY, ids)
+            self._put(self._ready, H_N_READY, ids) if self.groups is None else self.groups.on_commit(ids)
             self._h[H_N_WRITING] -= len(ids)
             self._h[H_WRITTEN] += len(ids)
 
@@ -295,9 +285,11 @@ class SharedActivationBuffer:
         return done
 
     # -- readers ----------------------------------------------------------------------------------
-    def claim_ready(self, k: int) -> tuple[np.ndarray, int]:
-        """Claim k random READY slots and mark them READING; returns (ids, epoch).
-        Raises NotReady below min_fill or when fewer than k rows are READY."""
+    def claim_ready(self, k: int, group: Optional[str] = None) -> tuple[np.ndarray, int]:
+        """Claim k random READY slots and mark them READING; returns (ids, epoch; a GroupClaim for a group).
+        Raises NotReady below min_fill or when fewer than k rows are READY (to the group)."""
+        if group is not None or self.groups is not None:
+            return group_claim(self, group, k)
         with self._lock:
             n_ready = int(self._h[H_N_READY])
             if n_ready < self.spec.min_fill * self.spec.capacity:
@@ -314,23 +306,28 @@ class SharedActivationBuffer:
     def release(self, ids: np.ndarray, epoch: int) -> None:
         """Return read slots: FREE once their read budget is spent (or a refresh happened), else READY."""
         with self._lock:
-            self._reads[ids] += 1
-            spent = (self._reads[ids] >= self.spec.max_reads) | (epoch != self._h[H_EPOCH])
-            gone, back = ids[spent], ids[~spent]
-            self._state[gone] = FREE
-            self._put(self._free, H_N_FREE, gone)
-            self._state[back] = READY
-            self._put(self._ready, H_N_READY, back)
-            self._h[H_N_READING] -= len(ids)
+            if isinstance(epoch, GroupClaim):  # a consumer group's read (actdata.shm.groups)
+                self.groups.on_release(ids, epoch)
+            else:
+                self._reads[ids] += 1
+                spent = (self._reads[ids] >= self.spec.max_reads) | (epoch != self._h[H_EPOCH])
+                gone, back = ids[spent], ids[~spent]
+                self._state[gone] = FREE
+                self._put(self._free, H_N_FREE, gone)
+                self._state[back] = READY
+                self._put(self._ready, H_N_READY, back)
+                self._h[H_N_READING] -= len(ids)
             self._h[H_READ] += len(ids)
             origins = self._origin[ids]
             if len(ids) and origins[0] >= 0:
                 self._h[H_BATCHES] += 1
                 self._hf[HF_MIX_SUM] += _distinct(origins) / len(ids)
 
-    def read(self, k: int, out: Optional[torch.Tensor] = None) -> tuple[np.ndarray, torch.Tensor]:
-        """Serve k random READY rows: (slot ids, rows [k, *sample_shape]), copied into `out` if given."""
-        ids, epoch = self.claim_ready(k)
+    def read(self, k: int, out: Optional[torch.Tensor] = None, group: Optional[str] = None
+             ) -> tuple[np.ndarray, torch.Tensor]:
+        """Serve k random READY rows (that `group` has not read): (slot ids, rows [k, *sample_shape]),
+        copied into `out` if given."""
+        ids, epoch = self.claim_ready(k, group)
         ids.sort()  # ascending addresses: kinder to TLB and prefetcher; the set is random already
         try:
             if out is None:
@@ -340,13 +337,13 @@ class SharedActivationBuffer:
             self.release(ids, epoch)
         return ids, out[:len(ids)]
 
-    def read_provenance(self, k: int, out: Optional[torch.Tensor] = None, prov_out: Optional[dict] = None
-                        ) -> tuple[np.ndarray, torch.Tensor, dict]:
+    def read_provenance(self, k: int, out: Optional[torch.Tensor] = None, prov_out: Optional[dict] = None,
+                        group: Optional[str] = None) -> tuple[np.ndarray, torch.Tensor, dict]:
         """`read` that also returns the rows' provenance {"token_ids", "positions", "doc_ids"} (numpy
         arrays, or copied into the tensors of `prov_out`), gathered under the same claim as the rows."""
         if self._prov is None:
             raise ValueError("this buffer keeps no provenance (generator.provenance=false)")
-        ids, epoch = self.claim_ready(k)
+        ids, epoch = self.claim_ready(k, group)
         ids.sort()
         try:
             if out is None:
@@ -384,6 +381,8 @@ class SharedActivationBuffer:
         """Mark every READY row for regeneration (FREE); rows being read are freed when released.
         Returns the number of rows dropped."""
         with self._lock:
+            if self.groups is not None:
+                return self.groups.on_refresh()
             n = int(self._h[H_N_READY])
             ids = self._ready[:n].copy()
             self._state[ids] = FREE
@@ -406,26 +405,29 @@ class SharedActivationBuffer:
             self._hf[HF_RATE_IN] = (window[-1][1] - w0) / (now - t0)
             self._hf[HF_RATE_OUT] = (window[-1][2] - r0) / (now - t0)
             self._hf[HF_RATE_AT] = now
+        if self.groups is not None:  # and drops idle groups
+            self.groups.tick()
 
     def reclaim_orphans(self) -> int:
         """Free the slots claimed (WRITING or READING) by processes that have died since, e.g. a killed
         generator or HTTP process; without this they would be lost to the buffer for good. A row that was
         being read is freed, not served again: part of it may have reached a client. Scans the state
         array (O(capacity)): for a periodic background check, not the request path. Returns slots freed."""
+        n = self.groups.reclaim() if self.groups is not None else 0
         with self._lock:
             claimed = np.nonzero((self._state == WRITING) | (self._state == READING))[0]
             if len(claimed) == 0:
-                return 0
+                return n
             dead = [p for p in np.unique(self._owner[claimed]).tolist() if not pid_alive(p)]
             ids = claimed[np.isin(self._owner[claimed], dead)]
             if len(ids) == 0:
-                return 0
+                return n
             self._h[H_N_WRITING] -= int((self._state[ids] == WRITING).sum())
             self._h[H_N_READING] -= int((self._state[ids] == READING).sum())
             self._state[ids] = FREE
             self._reads[ids] = 0
             self._put(self._free, H_N_FREE, ids)
-            return len(ids)
+            return n + len(ids)
 
     def note_contexts(self, n: int) -> None:
         """Writers count the contexts (sequences) they consumed."""
@@ -461,6 +463,8 @@ class SharedActivationBuffer:
             "contexts_seen": int(h[H_CONTEXTS_SEEN]),
             "batch_mixing": (float(self._hf[HF_MIX_SUM]) / batches) if batches else None,
             "created_at": float(self._hf[HF_CREATED]),
+            "groups": [] if self.groups is None else self.groups.list(),  # consumer groups (actdata.shm.groups)
+            "group_policy": None if self.groups is None else self.groups.policy,
         }
 
     @property
@@ -485,17 +489,10 @@ class SharedActivationBuffer:
         return self._rng
 
     def _take(self, lst: np.ndarray, count_slot: int, k: int) -> np.ndarray:
-        """Remove k uniformly random entries from lst[:n] in O(k) and return them."""
+        """Remove k uniformly random entries from lst[:n] in O(k) and return them (actdata.shm.lists)."""
         n = int(self._h[count_slot])
-        if k <= 0:
-            return np.empty(0, np.int64)
-        pos = self._random().choice(n, size=k, replace=False, shuffle=False)
-        taken = lst[pos].copy()
-        tail = n - k
-        keep = np.ones(k, dtype=bool)
-        keep[pos[pos >= tail] - tail] = False  # tail entries that were themselves taken
-        lst[pos[pos < tail]] = lst[tail:n][keep]  # fill the holes with the surviving tail
-        self._h[count_slot] = tail
+        taken = take(lst, n, k, self._random())
+        self._h[count_slot] = n - len(taken)
         return taken
 
     def _put(self, lst: np.ndarray, count_slot: int, ids: np.ndarray) -> None:
