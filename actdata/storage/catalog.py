@@ -82,3 +82,17 @@ def open_store(path: Optional[str], key: str = "store.path", column: Optional[st
     stats = [m.stats for m in ms if m.stats is not None]
     return Store(path, "actdata", shape, dtype, sorted(shards, key=lambda s: s.file), [m.fields for m in ms],
                  merged(stats) if stats else None)
+
+
+def captured_at(path: str) -> tuple[Optional[list], object]:
+    """(sites, layers) as the first manifest of the store at `path` writes them, naming its rows' points
+    (actdata.points.point_names); (None, None) for rows of no model (synthetic rows, a datasets directory).
+    Reads one manifest, no shard."""
+    try:
+        fs, root, _ = filesystem(path)
+        names = sorted(os.path.basename(p) for p in fs.ls(root, detail=False))
+    except Exception:  # the store was checked at start; a store gone since then names no points
+        return None, None
+    first = next((n for n in names if MANIFEST_RE.match(n)), None)
+    m = read_manifest(fs, f"{root}/{first}", f"store.path: {path}/{first}") if first else None
+    return (m.fields.get("sites"), m.fields.get("layers")) if m is not None else (None, None)
