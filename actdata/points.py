@@ -17,9 +17,10 @@ too, so the shape of an answer never depends on how many points were asked for. 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+import urllib.parse
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
-from .config import SITES
+from .config import SITES, Config
 
 QUERY = "points"  # GET /activations/tensor?num_samples=N&points=0,resid_post@6
 MAX_LISTED = 64  # names an error lists before it says how many more there are
@@ -54,6 +55,12 @@ def point_names(sample_shape: Sequence[int], sites: Optional[Sequence[str]] = No
         if fits:
             return [f"{s}@{b}" if b is not None and layered(s) else s for s in sites for b in blocks]
     return [str(i) for i in range(n)]
+
+
+def configured(cfg: Config, sample_shape: Sequence[int]) -> list[str]:
+    """Names of the points of the rows this config's generator makes (a model, or the synthetic source)."""
+    g = cfg.generator
+    return point_names(sample_shape, list(g.sites), g.layers if isinstance(g.layers, str) else list(g.layers))
 
 
 def parse(selection: Selection) -> tuple[list[Union[int, str]], bool]:
@@ -131,3 +138,29 @@ def rows_per_request(request: Mapping[str, int], row_bytes: int) -> int:
     row_bytes = max(1, int(row_bytes))
     return max(1, min(int(request["rows"]), int(request["bytes"]) // row_bytes,
                       int(request["memory"]) // (row_bytes + int(request.get("extra", 0)))))
+
+
+class Picked(NamedTuple):
+    """A reader's selection resolved against a server's points: what to ask for and what comes back."""
+
+    indices: list[int]
+    wire_shape: tuple[int, int]  # one row of the answer: (points selected, width)
+    shape: tuple[int, ...]  # one row as the reader hands it on: (width,) for a single point, else wire_shape
+
+    @property
+    def query(self) -> str:
+        return text(self.indices)
+
+
+def pick(selection: Selection, names: Sequence[str], sample_shape: Sequence[int]) -> Picked:
+    """`selection` (as a reader gives it: index, name, list, or query text) resolved against the server's
+    point names. Raises PointsError."""
+    entries, single = parse(selection)
+    indices = resolve(entries, names)
+    wire_shape = shape(sample_shape, indices)
+    return Picked(indices, wire_shape, wire_shape[1:] if single else wire_shape)
+
+
+def quoted(query: str) -> str:
+    """A selection's text as it goes into a URL's query."""
+    return urllib.parse.quote(query, safe=",@:.")

@@ -90,8 +90,10 @@ class SameHostReader:
         except OSError:
             return False
 
-    def read(self, out: torch.Tensor, wait_s: float, provenance: Optional[dict] = None) -> torch.Tensor:
-        """Fill `out` [k, *sample_shape] with k claimed rows (and the tensors of `provenance`,
+    def read(self, out: torch.Tensor, wait_s: float, provenance: Optional[dict] = None,
+             points: Optional[list[int]] = None) -> torch.Tensor:
+        """Fill `out` [k, *sample_shape] (with `points`, [k, len(points), width]: only those points of
+        each row, gathered straight from the slots) with k claimed rows (and the tensors of `provenance`,
         {"token_ids", "positions", "doc_ids"} [k], with their origin, when given); waits while fewer than k are ready
         (or the buffer is below min_fill) for up to `wait_s` seconds, then raises SameHostGone, as it does at once
         when the server's process or file is gone (rows left in a dead server's memory are not served)."""
@@ -101,9 +103,9 @@ class SameHostReader:
         while True:
             try:
                 if provenance is None:
-                    self.buffer.read(k, out=out)
+                    self.buffer.read(k, out=out, points=points)
                 else:
-                    self.buffer.read_provenance(k, out=out, prov_out=provenance)
+                    self.buffer.read_provenance(k, out=out, prov_out=provenance, points=points)
                 return out
             except NotReady as e:
                 if not self.alive():

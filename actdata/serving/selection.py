@@ -12,13 +12,11 @@ def served_point_names(cfg: Config, sample_shape: tuple) -> list[str]:
     """Names of the points of the rows this config serves: a replay names them as its store's manifest
     does, a model and the synthetic source as generator.sites x generator.layers (indices where those do
     not describe the row)."""
-    g = cfg.generator
-    if g.source == "store":
-        from ..storage.catalog import captured_at
+    if cfg.generator.source == "store":
+        from ..storage.catalog import stored_point_names
 
-        sites, layers = captured_at(cfg.store.path)
-        return pts.point_names(sample_shape, sites, layers)
-    return pts.point_names(sample_shape, list(g.sites), g.layers if isinstance(g.layers, str) else list(g.layers))
+        return stored_point_names(cfg.store.path, sample_shape)
+    return pts.configured(cfg, sample_shape)
 
 
 def selected(query: Optional[str], names: list[str]) -> Optional[list[int]]:
