@@ -17,6 +17,7 @@ too, so the shape of an answer never depends on how many points were asked for. 
 from __future__ import annotations
 
 import math
+import re
 import urllib.parse
 from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -85,10 +86,12 @@ def parse(selection: Selection) -> tuple[list[Union[int, str]], bool]:
         if not isinstance(p, str):
             out.append(int(p))
             continue
-        p = p.strip()
         if not p:
             raise PointsError("points: an empty entry (write indices or names separated by commas)")
-        out.append(int(p) if p.isdigit() or (p[0] == "-" and p[1:].isdigit()) else p)
+        number = p.isdecimal() or (p[0] == "-" and p[1:].isdecimal())
+        if number and str(int(p)) != p:
+            raise PointsError(f"points: {p!r} is not an index as written here (e.g. 3, not 03)")
+        out.append(int(p) if number else p)
     if not out:
         raise PointsError("points: an empty selection (name at least one point)")
     return out, single
@@ -118,6 +121,15 @@ def resolve(entries: Sequence[Union[int, str]], names: Sequence[str]) -> list[in
             raise PointsError(f"points: {e!r} selects point {i} ({names[i]}) a second time; name each point once")
         out.append(i)
     return out
+
+
+def pattern(names: Sequence[str]) -> str:
+    """A regular expression (ECMA and Python) that matches exactly the selections `parse` + `resolve`
+    accept: indices and names separated by commas, each point once (by index or by name)."""
+    alias = [str(i) if n == str(i) else f"{i}|{re.escape(n)}" for i, n in enumerate(names)]
+    token = "|".join(alias)
+    once = "".join(f"(?!(?:.*,)?(?:{a})(?:,.*)?,(?:{a})(?:,|$))" for a in alias)
+    return f"^{once}(?:{token})(?:,(?:{token}))*$"
 
 
 def text(entries: Sequence[Union[int, str]]) -> str:

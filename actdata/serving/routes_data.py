@@ -142,4 +142,5 @@ def _points_query(ctx: RouteContext):
     """The `points` parameter, documented with the names of this server's points."""
     return Query(None, description="only these points of each row, in this order: indices or names, "
                                    "comma-separated; the rows are then [N, points, width] (actdata.points). "
-                                   f"This server's rows have {pts.listing(ctx.points)}")
+                                   f"This server's rows have {pts.listing(ctx.points)}",
+                 json_schema_extra={"pattern": pts.pattern(ctx.points)})  # documents; resolve() checks
