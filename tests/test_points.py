@@ -139,6 +139,10 @@ def test_client_splits_by_the_selected_size_and_squeezes_one_point(server):
             c.get_activations_tensor(4)
     with pytest.raises(pts.PointsError):
         ActivationClient(server.url, points="0,,1")  # malformed: refused before any request
+    # the dataset's default batch is the per-request maximum of the points read, not of whole rows
+    wait_ready(server.url, 900)
+    (x,) = list(RemoteActivationDataset(server.url, points="mlp_out@1", max_batches=1, local=False))
+    assert x.shape == (800, 64)
 
 
 def test_dataset_same_host_and_http_workers(server):

@@ -178,7 +178,8 @@ class Stream:
         if self.ds.batch_size is not None:
             return self.ds.batch_size
         self.open()
-        return min(s.limits.batch(DEFAULT_BATCH) for s in self.sources)
+        # the per-request maximum of the points read (more rows when only some points are selected)
+        return min(s.limits._replace(max_rows=s.max_rows).batch(DEFAULT_BATCH) for s in self.sources)
 
     def exhausted(self) -> bool:
         return ((self.max_batches is not None and self.batches >= self.max_batches)
