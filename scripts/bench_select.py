@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--per-rep", type=int, default=4, help="requests per timed rep")
     a = ap.parse_args()
+    torch.set_num_threads(1)  # as in the server's processes: a 2-thread gather on a busy core waits for its pool
     if a.quick:
         a.reps, a.per_rep, a.rows = 3, 2, min(a.rows, 512)
     P, W, N = a.points, a.width, a.rows
