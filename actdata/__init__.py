@@ -9,7 +9,7 @@ imported on first use, so `import actdata` loads neither torch nor the server st
 __version__ = "0.1.0"
 
 __all__ = ["RemoteActivationDataset", "ActivationClient", "ProvenanceBatch", "ServerLimits",
-           "ActivationServerError", "ServerUnavailable", "NotADirectory", "ActivationDataModule"]
+           "ActivationServerError", "ServerUnavailable", "NotADirectory", "PointsError", "ActivationDataModule"]
 
 
 def __getattr__(name):  # plain import statements, so that the layering test sees every edge
@@ -27,6 +27,8 @@ def __getattr__(name):  # plain import statements, so that the layering test see
         value = getattr(module, name)
     elif name == "NotADirectory":
         from .reading.directory import NotADirectory as value
+    elif name == "PointsError":
+        from .points import PointsError as value
     elif name == "ActivationDataModule":
         from .reading.datamodule import ActivationDataModule as value
     else:

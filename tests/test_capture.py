@@ -11,14 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import pytest
 import torch
 
+from actdata import points as pts
 from actdata.config import SITES, Config, ConfigError
 from actdata.generation.loading import load_model
 from actdata.generation.model_source import ModelSource
 from actdata.generation.sites import Capture, OutlierFilter, keep_mask, make_plan, sample_shape
 from actdata.generation.text import TokenBlocks
+from actdata.shm.gather import gather
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -132,6 +135,13 @@ def test_every_named_point_at_every_layer_matches_reference(tiny):
     for p, site in enumerate(SITES):
         for layer in range(N_LAYERS):
             torch.testing.assert_close(rows[:, p, layer], ref[site][layer].reshape(32, 64), msg=f"{site}@{layer}")
+    # a point's name (actdata.points) selects that site at that block, through the buffer's gather
+    names = pts.configured(cfg, plan.shape)
+    for site in SITES:
+        for layer in range(N_LAYERS):
+            (i,) = pts.resolve(pts.parse(f"{site}@{layer}")[0], names)
+            got = gather(rows, np.arange(32), [i])[:, 0]
+            torch.testing.assert_close(got, ref[site][layer].reshape(32, 64), msg=f"{site}@{layer}")
 
 
 @pytest.mark.parametrize("site,layer", [("resid_post", 0), ("mlp_in", 1), ("resid_pre", 1), ("attn_out", 2)])

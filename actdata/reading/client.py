@@ -28,6 +28,7 @@ from typing import Mapping, NamedTuple, Optional
 import requests
 import torch
 
+from .. import points as pts
 from .. import wire
 from ..auth import API_KEY_ENV, bearer, resolve_api_key
 from .failures import (
@@ -55,13 +56,28 @@ class ServerLimits(NamedTuple):
     min_fill: float  # fraction of capacity ready before rows are served
     max_rows: int  # rows one request may ask for (server.max_samples_per_request)
     same_host: Optional[dict]  # the buffer a reader on the server's host may open (actdata.reading.samehost)
+    points: tuple[str, ...] = ()  # names of a row's points (actdata.points)
+    request: Optional[dict] = None  # what one tensor answer may hold, for rows of any size
 
     @classmethod
     def from_stats(cls, st: Mapping) -> "ServerLimits":
         server = st.get("server", {})
-        return cls(tuple(int(x) for x in st["sample_shape"]), wire.DTYPES[st["dtype"]], int(st["capacity"]),
+        shape = tuple(int(x) for x in st["sample_shape"])
+        return cls(shape, wire.DTYPES[st["dtype"]], int(st["capacity"]),
                    float(st.get("min_fill", 0.0)), max(1, int(server.get("max_samples_per_request")
-                                                                or st["capacity"])), server.get("same_host"))
+                                                                or st["capacity"])), server.get("same_host"),
+                   tuple(st.get("points") or pts.point_names(shape)), server.get("request_limits"))
+
+    def pick(self, selection: pts.Selection) -> pts.Picked:
+        """A reader's `points=` resolved against this server's points (PointsError naming what is wrong)."""
+        return pts.pick(selection, self.points, self.sample_shape)
+
+    def max_rows_for(self, picked: Optional[pts.Picked]) -> int:
+        """Rows one request may ask for: of whole rows, or of the points `picked` (more, as they are smaller;
+        whole rows' maximum from a server that publishes no request limits)."""
+        if picked is None or self.request is None:
+            return self.max_rows
+        return pts.rows_per_request(self.request, wire.row_bytes(picked.wire_shape, wire.DTYPE_NAMES[self.dtype]))
 
     def batch(self, most: int) -> int:
         """A batch size that fits: at most `most`, one request's maximum and half the buffer (so a batch
@@ -89,11 +105,18 @@ class ActivationClient:
     `ActivationServerError` at once. `health_check()` and `wait_for_data()` never raise for an
     unreachable server: they answer False. A tensor batch above the server's per-request maximum is read
     in several requests into one tensor.
+
+    `points`: only these points of each row (indices or names as the server's `GET /stats` lists them,
+    e.g. `"resid_post@6"` or `[0, 3]`; see actdata.points): tensor batches are then `[n, len(points),
+    width]`, or `[n, width]` when `points` is one index or name rather than a list.
     """
 
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 30.0,
                  retry_for_s: float = 30.0, backoff: float = 0.1, max_backoff: float = 5.0,
-                 group: Optional[str] = None):
+                 group: Optional[str] = None, points: Optional[pts.Selection] = None):
+        if points is not None:
+            pts.parse(points)  # a malformed selection fails here, not at the first batch
+        self.points, self._picked = points, None
         self.url = resolve_url(url)
         self.timeout = float(timeout)
         self.retry = RetryPolicy(retry_for_s, backoff, max_backoff)
@@ -146,8 +169,20 @@ class ActivationClient:
 
     def limits(self) -> ServerLimits:
         """The server's row format and limits (`GET /stats`)."""
-        self._limits = ServerLimits.from_stats(self.get_stats())
+        self._limits, self._picked = ServerLimits.from_stats(self.get_stats()), None
         return self._limits
+
+    def _selection(self) -> Optional[pts.Picked]:
+        """`points` resolved against the server's points once its limits are known (None: whole rows)."""
+        if self.points is None:
+            return None
+        if self._limits is None:  # a cluster's directory publishes no points: its servers resolve the names
+            self._reader.points = pts.text(pts.parse(self.points)[0])
+            return None
+        if self._picked is None:
+            self._picked = self._limits.pick(self.points)
+            self._reader.points = self._picked.query
+        return self._picked
 
     def _max_rows(self, wanted: int) -> int:
         """Rows one tensor request may ask for; `wanted` where the URL publishes no limits (a cluster's
@@ -157,7 +192,7 @@ class ActivationClient:
             if "sample_shape" not in st:
                 return max(1, wanted)
             self._limits = ServerLimits.from_stats(st)
-        return self._limits.max_rows
+        return self._limits.max_rows_for(self._selection())
 
     def wait_for_data(self, min_samples: int = 1, timeout: float = 60.0, check_interval: float = 0.5) -> bool:
         """Poll `GET /` until the server serves and has at least `min_samples` ready rows: True, or False
@@ -185,6 +220,8 @@ class ActivationClient:
         """`GET /activations` (JSON): activations (nested lists), shape, dtype, num_samples, indices,
         buffer_stats. Slow for large batches; use get_activations_tensor."""
         params = {"num_samples": int(num_samples), **({"group": self.group} if self.group else {})}
+        if self.points is not None:  # the server resolves the names; rows come as [n, points, width]
+            params[pts.QUERY] = pts.text(pts.parse(self.points)[0])
         return self._request("GET", wire.JSON_PATH, params=params).json()
 
     def get_activations_tensor(self, num_samples: int, provenance: bool = False):
@@ -195,18 +232,24 @@ class ActivationClient:
         generator.provenance=true (else HTTP 422)."""
         num_samples = int(num_samples)
         most = self._max_rows(num_samples)
+        sel = self._selection()
         if provenance:
             if num_samples <= most:  # also a bad count: the server's 422 says what is wrong with it
-                return self._reader.fetch_provenance(num_samples)
-            parts = [self._reader.fetch_provenance(min(most, num_samples - a)) for a in range(0, num_samples, most)]
-            return ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+                b = self._reader.fetch_provenance(num_samples)
+            else:
+                parts = [self._reader.fetch_provenance(min(most, num_samples - a))
+                         for a in range(0, num_samples, most)]
+                b = ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+            return b if sel is None else b._replace(activations=b.activations.view(len(b.activations), *sel.shape))
         t0 = time.perf_counter()
         if num_samples <= most:
             t, _ = self._reader.fetch(num_samples)
+            t = t if sel is None else t.view(len(t), *sel.shape)
         else:
-            t = torch.empty((num_samples, *self._limits.sample_shape), dtype=self._limits.dtype)
+            t = torch.empty((num_samples, *(sel.shape if sel else self._limits.sample_shape)), dtype=self._limits.dtype)
             for a in range(0, num_samples, most):
-                self._reader.fetch(len(t[a:a + most]), out=t[a:a + most])
+                part = t[a:a + most]
+                self._reader.fetch(len(part), out=part if sel is None else part.view(len(part), *sel.wire_shape))
         return t, {"shape": list(t.shape), "dtype": wire.DTYPE_NAMES[t.dtype], "num_samples": t.shape[0],
                    "nbytes": t.numel() * t.element_size(), "seconds": time.perf_counter() - t0, "url": self.url}
 

@@ -63,6 +63,7 @@ try:  # torch's fetcher class, to recognise a DataLoader calling iter(); without
 except ImportError:  # pragma: no cover - a torch that moved it
     _BaseDatasetFetcher = None
 
+from .. import points as pts
 from .. import wire
 from ..auth import resolve_api_key
 from .sharding import distributed_rank_world, share
@@ -114,8 +115,10 @@ class RemoteActivationDataset(IterableDataset):
     (activations, token_ids, positions, doc_ids), read from the same-host buffer or over HTTP; the server needs
     generator.provenance=true), group (a consumer group name, shared by all workers and ranks of this trainer:
     the trainer receives every row of the stream once, whatever other groups read; the server needs
-    buffer.max_groups > 0). The last batch of a shard is smaller when `max_samples` does not divide
-    evenly.
+    buffer.max_groups > 0), points (only these points of each row: indices or names as the server's
+    `GET /stats` lists them, e.g. "resid_post@6" or [0, 3]; batches are then `[batch_size, len(points), width]`,
+    or `[batch_size, width]` for one index or name given alone; see actdata.points). The last batch of a
+    shard is smaller when `max_samples` does not divide evenly.
     """
 
     def __init__(self, url_or_urls: Union[None, str, Sequence[str]] = None, batch_size: Optional[int] = None,
@@ -123,8 +126,11 @@ class RemoteActivationDataset(IterableDataset):
                  dtype: Optional[torch.dtype] = None, api_key: Optional[str] = None, timeout: float = 60.0,
                  retry_for_s: float = 120.0, rcvbuf: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, local: bool = True,
-                 provenance: bool = False, group: Optional[str] = None):
+                 provenance: bool = False, group: Optional[str] = None, points: Optional[pts.Selection] = None):
         super().__init__()
+        if points is not None:
+            pts.parse(points)  # a malformed selection fails here; names are checked against the server's
+        self.points = points
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.provenance = bool(provenance)

@@ -123,6 +123,7 @@ class DirectoryReader:
         self._refreshed_at = -1e9
         self._turn = 0
         self.switches = 0  # times this reader moved away from a failed server
+        self.points: Optional[str] = None  # a selection's query text, sent to every server (actdata.points)
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -137,7 +138,7 @@ class DirectoryReader:
             if u not in self._readers:
                 self._readers[u] = TensorReader(u, self.api_key, timeout=self.timeout,
                                                 retry=RetryPolicy(self.server_retry_s), rcvbuf=self.rcvbuf,
-                                                group=self.group)
+                                                group=self.group, points=self.points)
         self._order = mine
 
     def first_server(self) -> str:

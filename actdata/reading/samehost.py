@@ -92,8 +92,9 @@ class SameHostReader:
             return False
 
     def read(self, out: torch.Tensor, wait_s: float, provenance: Optional[dict] = None,
-             group: Optional[str] = None) -> torch.Tensor:
-        """Fill `out` [k, *sample_shape] with k claimed rows (and the tensors of `provenance`,
+             group: Optional[str] = None, points: Optional[list[int]] = None) -> torch.Tensor:
+        """Fill `out` [k, *sample_shape] (with `points`, [k, len(points), width]: only those points of
+        each row, gathered straight from the slots) with k claimed rows (and the tensors of `provenance`,
         {"token_ids", "positions", "doc_ids"} [k], with their origin, when given); waits while fewer than k are ready
         (or the buffer is below min_fill) for up to `wait_s` seconds, then raises SameHostGone, as it does at once
         when the server's process or file is gone (rows left in a dead server's memory are not served).
@@ -105,9 +106,9 @@ class SameHostReader:
         while True:
             try:
                 if provenance is None:
-                    self.buffer.read(k, out=out, group=group)
+                    self.buffer.read(k, out=out, group=group, points=points)
                 else:
-                    self.buffer.read_provenance(k, out=out, prov_out=provenance, group=group)
+                    self.buffer.read_provenance(k, out=out, prov_out=provenance, group=group, points=points)
                 return out
             except GroupRefused as e:
                 raise ActivationServerError(f"{self.spec.path}: {e}", status=e.status, detail=str(e)) from None

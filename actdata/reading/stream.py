@@ -51,9 +51,13 @@ class Source:
         self.url, self.ds = url, ds
         with ActivationClient(url, api_key=ds.api_key, timeout=ds.timeout, retry_for_s=ds.retry_for_s) as client:
             self.limits = client.limits()
-        self.sample_shape, self.dtype, self.max_rows = self.limits.sample_shape, self.limits.dtype, self.limits.max_rows
+        # with ds.points, only those points of each row (actdata.points): smaller rows, more per request
+        self.picked = None if ds.points is None else self.limits.pick(ds.points)
+        self.sample_shape = self.limits.sample_shape if self.picked is None else self.picked.shape
+        self.dtype, self.max_rows = self.limits.dtype, self.limits.max_rows_for(self.picked)
         self.http = http or TensorReader(url, ds.api_key, timeout=ds.timeout, retry=retry, rcvbuf=ds.rcvbuf,
                                          group=ds.group)
+        self.http.points = None if self.picked is None else self.picked.query
         self.directory = http is not None  # a cluster's directory: rows come from whichever of its servers serves
         self.local = None
         if ds.local and not self.directory:
@@ -66,7 +70,7 @@ class Source:
 
     def read(self, n: int, empty: Callable) -> torch.Tensor:
         """n rows [n, *sample_shape] in the served dtype, in requests of at most max_rows."""
-        if n <= self.max_rows and self.local is None:
+        if n <= self.max_rows and self.local is None and self.picked is None:
             return self.http.fetch(n, empty=empty)[0]
         out = empty((n, *self.sample_shape), dtype=self.dtype)
         for a in range(0, n, self.max_rows):
@@ -78,7 +82,8 @@ class Source:
         keeps provenance, else over HTTP (one safetensors body per part)."""
         if self.local is None or not self.local.spec.provenance:
             parts = [self.http.fetch_provenance(min(self.max_rows, n - a)) for a in range(0, n, self.max_rows)]
-            return parts[0] if len(parts) == 1 else ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+            b = parts[0] if len(parts) == 1 else ProvenanceBatch(*(torch.cat(xs) for xs in zip(*parts)))
+            return b._replace(activations=b.activations.view(n, *self.sample_shape))
         batch = ProvenanceBatch(torch.empty((n, *self.sample_shape), dtype=self.dtype),
                                 **{name: torch.empty(n, dtype=dtype) for name, dtype in wire.PROVENANCE.items()})
         for a in range(0, n, self.max_rows):
@@ -88,11 +93,14 @@ class Source:
 
     def _read_into(self, out: torch.Tensor, provenance: Optional[dict] = None) -> None:
         """Fill `out` (and `provenance`'s tensors, see SameHostReader.read) from one claim or request."""
+        points = None if self.picked is None else self.picked.indices
+        out = out if self.picked is None else out.view(len(out), *self.picked.wire_shape)  # as answered
         if self.local is not None:
             from .samehost import SameHostGone
 
             try:
-                self.local.read(out, wait_s=self.ds.retry_for_s, provenance=provenance, group=self.ds.group)
+                self.local.read(out, wait_s=self.ds.retry_for_s, provenance=provenance, group=self.ds.group,
+                                points=points)
                 return
             except SameHostGone as e:
                 log.warning("%s: same-host path stopped (%s); reading over HTTP", self.url, e)
@@ -172,7 +180,8 @@ class Stream:
         if self.ds.batch_size is not None:
             return self.ds.batch_size
         self.open()
-        return min(s.limits.batch(DEFAULT_BATCH) for s in self.sources)
+        # the per-request maximum of the points read (more rows when only some points are selected)
+        return min(s.limits._replace(max_rows=s.max_rows).batch(DEFAULT_BATCH) for s in self.sources)
 
     def exhausted(self) -> bool:
         return ((self.max_batches is not None and self.batches >= self.max_batches)

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 
+from .. import points as pts
 from .. import wire
 from ..auth import bearer, resolve_api_key
 from .failures import RETRY_STATUSES, ActivationServerError, RetryPolicy, Transient, error_detail, retry_after
@@ -70,7 +71,8 @@ class TensorReader:
     SPREAD_TRIES = 6
 
     def __init__(self, url: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
-                 retry: Optional[RetryPolicy] = None, rcvbuf: Optional[int] = None, group: Optional[str] = None):
+                 retry: Optional[RetryPolicy] = None, rcvbuf: Optional[int] = None, group: Optional[str] = None,
+                 points: Optional[str] = None):
         url = resolve_url(url)
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -87,6 +89,7 @@ class TensorReader:
         self._conn: Optional[http.client.HTTPConnection] = None
         self._requests_on_conn = 0
         self.row_format: Optional[RowFormat] = None  # once seen
+        self.points = points  # a selection's query text (actdata.points): only those points of each row
         # Spreading: a connection's requests are all served by the HTTP process that accepted it, and which
         # one does is chance. A reader given `prefer` (its place among the readers of one trainer) that is
         # answered by process i of n with i != prefer % n reconnects, at most SPREAD_TRIES times.
@@ -135,6 +138,8 @@ class TensorReader:
                  provenance: bool = False):
         query = f"num_samples={int(num_samples)}" + (f"&{wire.PROVENANCE_QUERY}=1" if provenance else "")
         query += f"&group={urllib.parse.quote(self.group)}" if self.group else ""
+        if self.points is not None:
+            query += f"&{pts.QUERY}={pts.quoted(self.points)}"
         for fresh_retry in (False, True):
             reused = self._conn is not None and self._requests_on_conn > 0
             try:

@@ -19,6 +19,7 @@ from ..host import host_identity
 from ..shm import BufferSpec, NotReady, SharedActivationBuffer
 from .limits import RowLimits, row_limits
 from .responses import MemoryBudget, ResponseBodies
+from .selection import served_point_names
 
 
 class Error(BaseModel):
@@ -47,6 +48,7 @@ class RouteContext:
     pool: ResponseBodies
     same_host: dict  # the buffer file a reader on this host may open (actdata.reading.samehost)
     started: float = field(default_factory=time.time)
+    points: list = field(default_factory=list)  # names of a row's points (actdata.serving.selection)
 
     @classmethod
     def create(cls, buffer: SharedActivationBuffer, cfg: Config) -> "RouteContext":
@@ -58,7 +60,8 @@ class RouteContext:
                      "sample_shape": list(spec.sample_shape), "dtype": spec.dtype, "min_fill": spec.min_fill,
                      "max_reads": spec.max_reads, "provenance": spec.provenance, "max_groups": spec.max_groups}
         return cls(buffer, cfg, row_limits(cfg, spec), MemoryBudget(cfg.server.response_memory_bytes),
-                   ResponseBodies(keep_bytes=cfg.server.response_memory_bytes // 2), same_host)
+                   ResponseBodies(keep_bytes=cfg.server.response_memory_bytes // 2), same_host,
+                   points=served_point_names(cfg, spec.sample_shape))
 
     @property
     def spec(self) -> BufferSpec:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .. import wire
+from .. import points, wire
 from ..config import Config
 from ..shm import BufferSpec
 
@@ -17,6 +17,11 @@ class RowLimits(NamedTuple):
     max_rows: int  # rows of one tensor answer
     max_json: int  # rows of one JSON answer
     prov_bytes: int  # provenance bytes per row (doc id, token id, position)
+    request: dict  # what one tensor answer may hold, for rows of any size (actdata.points.rows_per_request)
+
+    def max_rows_for(self, row_bytes: int) -> int:
+        """Rows of one tensor answer whose rows (a selection of points) take `row_bytes` each."""
+        return points.rows_per_request(self.request, row_bytes)
 
 
 def json_max_rows(cfg: Config, spec: BufferSpec) -> int:
@@ -29,8 +34,8 @@ def row_limits(cfg: Config, spec: BufferSpec) -> RowLimits:
     transport's copy of what the socket has not taken yet), so one request may use at most half of the
     response memory, provenance included when the buffer keeps it."""
     prov_bytes = wire.PROVENANCE_BYTES
-    row_cost = spec.row_bytes + (prov_bytes if spec.provenance else 0)
-    max_rows = max(1, min(cfg.server.max_samples_per_request, spec.capacity,
-                          cfg.server.max_bytes_per_request // spec.row_bytes,
-                          cfg.server.response_memory_bytes // (2 * row_cost)))
-    return RowLimits(max_rows, min(max_rows, json_max_rows(cfg, spec)), prov_bytes)
+    request = {"rows": min(cfg.server.max_samples_per_request, spec.capacity),
+               "bytes": cfg.server.max_bytes_per_request, "memory": cfg.server.response_memory_bytes // 2,
+               "extra": prov_bytes if spec.provenance else 0}
+    max_rows = points.rows_per_request(request, spec.row_bytes)
+    return RowLimits(max_rows, min(max_rows, json_max_rows(cfg, spec)), prov_bytes, request)

@@ -70,6 +70,7 @@ def add_health_routes(app, ctx: RouteContext) -> None:
     @app.get("/stats", summary="Buffer, generator and serving statistics")
     def stats():
         st = buffer.stats()
+        st["points"] = ctx.points  # what ?points= selects by name (actdata.points)
         st["generators"] = read_statuses(spec)
         http = http_processes(ctx)
         st["server"] = {"pid": os.getpid(), "http_workers": http["alive"],
@@ -77,6 +78,7 @@ def add_health_routes(app, ctx: RouteContext) -> None:
                         "http_pids": http["pids"], "http_restarts": http["restarts"],
                         "http_last_death": http["last_death"], "uptime_s": time.time() - ctx.started,
                         "max_samples_per_request": ctx.limits.max_rows, "max_samples_json": ctx.limits.max_json,
+                        "request_limits": ctx.limits.request,
                         "bytes_per_s_out": st["reads_per_s"] * st["row_bytes"],
                         "response_memory": {"budget": ctx.budget.limit, "used": ctx.budget.used,
                                             "pool_retained": ctx.pool.retained_bytes()},

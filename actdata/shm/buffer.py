@@ -22,7 +22,7 @@ import mmap
 import os
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ import torch
 from .. import wire
 from ..host import pid_alive
 from . import segment, sidefiles
+from .gather import gather
 from .groups import GroupClaim, GroupTable, group_claim
 from .layout import (
     FREE,
@@ -323,22 +324,21 @@ class SharedActivationBuffer:
                 self._h[H_BATCHES] += 1
                 self._hf[HF_MIX_SUM] += _distinct(origins) / len(ids)
 
-    def read(self, k: int, out: Optional[torch.Tensor] = None, group: Optional[str] = None
-             ) -> tuple[np.ndarray, torch.Tensor]:
-        """Serve k random READY rows (that `group` has not read): (slot ids, rows [k, *sample_shape]),
-        copied into `out` if given."""
+    def read(self, k: int, out: Optional[torch.Tensor] = None, group: Optional[str] = None,
+             points: Optional[Sequence[int]] = None) -> tuple[np.ndarray, torch.Tensor]:
+        """Serve k random READY rows (that `group` has not read): (slot ids, rows [k, *sample_shape]), copied
+        into `out` if given; with `points` only those points of each row, [k, len(points), width] (.gather)."""
         ids, epoch = self.claim_ready(k, group)
         ids.sort()  # ascending addresses: kinder to TLB and prefetcher; the set is random already
         try:
-            if out is None:
-                out = torch.empty((len(ids), *self.spec.sample_shape), dtype=self.data.dtype)
-            torch.index_select(self.data, 0, torch.from_numpy(ids), out=out[:len(ids)])
+            out = gather(self.data, ids, points, out)
         finally:
             self.release(ids, epoch)
         return ids, out[:len(ids)]
 
     def read_provenance(self, k: int, out: Optional[torch.Tensor] = None, prov_out: Optional[dict] = None,
-                        group: Optional[str] = None) -> tuple[np.ndarray, torch.Tensor, dict]:
+                        group: Optional[str] = None, points: Optional[Sequence[int]] = None
+                        ) -> tuple[np.ndarray, torch.Tensor, dict]:
         """`read` that also returns the rows' provenance {"token_ids", "positions", "doc_ids"} (numpy
         arrays, or copied into the tensors of `prov_out`), gathered under the same claim as the rows."""
         if self._prov is None:
@@ -346,9 +346,7 @@ class SharedActivationBuffer:
         ids, epoch = self.claim_ready(k, group)
         ids.sort()
         try:
-            if out is None:
-                out = torch.empty((len(ids), *self.spec.sample_shape), dtype=self.data.dtype)
-            torch.index_select(self.data, 0, torch.from_numpy(ids), out=out[:len(ids)])
+            out = gather(self.data, ids, points, out)
             prov = {}
             for name, arr in self._prov.items():
                 if prov_out is not None:

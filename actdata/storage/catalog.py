@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..points import count, point_names
 from ..stats import merged
 from .datasets_dir import open_dataset_store
 from .format import (
@@ -84,3 +85,21 @@ def open_store(path: Optional[str], key: str = "store.path", column: Optional[st
     stats = [m.stats for m in ms if m.stats is not None]
     return Store(path, "actdata", shape, dtype, sorted(shards, key=lambda s: s.file), [m.fields for m in ms],
                  merged(stats) if stats else None)
+
+
+def stored_point_names(path: str, sample_shape: tuple) -> list[str]:
+    """Names of the points of the rows of the store at `path`, as its first manifest writes them (from its
+    sites x layers when it predates `points`); indices for a datasets directory. Reads one manifest."""
+    try:
+        fs, root, _ = filesystem(path)
+        names = sorted(os.path.basename(p) for p in fs.ls(root, detail=False))
+        first = next((n for n in names if MANIFEST_RE.match(n)), None)
+        m = read_manifest(fs, f"{root}/{first}", f"store.path: {path}/{first}") if first else None
+    except Exception:  # checked at start; a store unreadable since then still serves its points by index
+        m = None
+    if m is None:
+        return point_names(sample_shape)
+    named = m.fields.get("points")
+    if isinstance(named, list) and len(named) == count(sample_shape) and all(isinstance(x, str) for x in named):
+        return named
+    return point_names(sample_shape, m.fields.get("sites"), m.fields.get("layers"))

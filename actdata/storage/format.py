@@ -9,7 +9,8 @@ Layout of a store directory (local, or any fsspec URL such as s3://bucket/dir):
 A shard is a safetensors file: `rows` [n, *sample_shape] in the buffer dtype, `origin` int64 [n] and,
 when the source gave provenance, the arrays of wire.PROVENANCE [n]. Its header is padded to DATA_START
 bytes so the rows start on a page boundary (a memory map reads them in place).
-A manifest names the model, revision, dataset, sites, layers, dtype, sample shape, the generator
+A manifest names the model, revision, dataset, sites, layers, the names of a row's points (actdata.points),
+dtype, sample shape, the generator
 partition (g of G), the running statistics of exactly the rows in its shards, and the shard list with
 rows, bytes and the checksum of each shard's data region under a key that names its algorithm (CHECKSUMS):
 "crc32c" (hardware CRC-32C) in version 2, "crc32" (zlib) in the version-1 stores still read.
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
+from ..points import configured
 from ..stats import RunningStats
 from ..wire import (
     DTYPE_NAMES,
@@ -160,7 +162,7 @@ def describe(cfg: Config, shape: tuple, g: int, G: int) -> dict:
             if gen.source == "model" else None,
             "context_length": gen.context_length if gen.source == "model" else None,
             "dtype": cfg.buffer.dtype, "sample_shape": list(shape), "row_bytes": row_bytes(shape, cfg.buffer.dtype),
-            "generator": g, "generators": G}
+            "points": configured(cfg, shape), "generator": g, "generators": G}
 
 
 
