@@ -6,7 +6,7 @@ Starts one server on the embedded model (SmolLM2-135M on the embedded corpus) ca
 after blocks 3 and 6 (rows [1, 2, 576]: two points), with room for four consumer groups and serving held
 until all four have registered. Then four trainers in four processes, two layers x two sparsity levels
 (TopK k = 16 and 64): each reads as its own group (`group="L<layer>-k<k>"`), asks only for its layer's
-point (`points=[i]`), and trains a small TopK sparse autoencoder on `--rows` rows. At the end it prints,
+point by name (`points="resid_post@<layer>"`, [B, 576] batches), and trains a small TopK sparse autoencoder on `--rows` rows. At the end it prints,
 for each trainer, the rows it trained on beside the rows the server generated: every trainer saw the same
 stream, which was generated once.
 """
@@ -29,11 +29,12 @@ def train(url: str, point: int, k: int, rows: int, steps_log: int, results) -> N
     """One trainer: its own group, its own layer, a TopK SAE on `rows` rows."""
     torch.manual_seed(point * 100 + k)
     group = f"L{LAYERS[point]}-k{k}"
-    ds = RemoteActivationDataset(url, batch_size=256, max_samples=rows, group=group, points=[point])
+    ds = RemoteActivationDataset(url, batch_size=256, max_samples=rows, group=group,
+                                 points=f"resid_post@{LAYERS[point]}")
     d_in, seen, step, sae, opt = None, 0, 0, None, None
     for x in ds:
-        x = x.reshape(len(x), -1).float()
-        if sae is None:  # the width comes with the first batch: [256, 1, 576] -> 576
+        x = x.float()
+        if sae is None:  # the width comes with the first batch: [256, 576]
             d_in = x.shape[1]
             scale = math.sqrt(d_in / x.pow(2).sum(1).mean().item())
             sae = {"enc": torch.randn(d_in, 4 * d_in) / math.sqrt(d_in), "b": torch.zeros(d_in)}
