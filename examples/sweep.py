@@ -3,12 +3,12 @@
     python examples/sweep.py [--rows 4096] [--steps-log 8]
 
 Starts one server on the embedded model (SmolLM2-135M on the embedded corpus) capturing the residual stream
-after blocks 3 and 6 (rows [1, 2, 576]: two points), with room for four consumer groups and serving held
-until all four have registered. Then four trainers in four processes, two layers x two sparsity levels
-(TopK k = 16 and 64): each reads as its own group (`group="L<layer>-k<k>"`), asks only for its layer's
-point by name (`points="resid_post@<layer>"`, [B, 576] batches), and trains a small TopK sparse
-autoencoder on `--rows` rows. At the end it prints, for each trainer, the rows it trained on beside the rows the server generated: every trainer saw the same
-stream, which was generated once.
+after blocks 3 and 6 (rows [1, 2, 576]: two points), with room for four consumer groups and serving held until
+all four have registered. Then four trainers in four processes, two layers x two sparsity levels (TopK k = 16
+and 64): each reads as its own group (`group="L<layer>-k<k>"`), asks only for its layer's point by name
+(`points="resid_post@<layer>"`, [B, 576] batches), and trains a small TopK sparse autoencoder on `--rows`
+rows. At the end it prints, for each trainer, the rows it trained on beside the rows the server generated:
+every trainer saw the same stream, which was generated once.
 """
 from __future__ import annotations
 
