@@ -119,8 +119,11 @@ def test_statistics_are_on_by_default_for_every_source():
 
 def test_the_statistics_thread_runs_on_one_core_and_leaves_other_threads_their_share():
     """Its ops must not start a team of every core beside the writer's copies; threads started after it
-    (a pipeline's) still get the process's share."""
+    (a pipeline's) still get the share of the thread that started it, whatever default another thread left."""
     before = torch.get_num_threads()
+    stray = threading.Thread(target=torch.set_num_threads, args=(1,))  # e.g. an earlier helper's setting
+    stray.start()
+    stray.join()
     seen = {}
     s = RunningStats((64,))
     w = StatsWorker(s, lambda st, force: seen.setdefault("stats", torch.get_num_threads()), every_s=0.0)

@@ -41,6 +41,7 @@ class StatsWorker:
         self._q: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._error: Optional[BaseException] = None
         self._published = 0.0
+        self._share = torch.get_num_threads()  # the creator's: what threads started after this one begin with
         self._thread = threading.Thread(target=self._run, name="actdata-stats", daemon=True)
         self._thread.start()
 
@@ -80,7 +81,7 @@ class StatsWorker:
             raise RuntimeError(f"the statistics thread failed: {type(err).__name__}: {err}") from err
 
     def _run(self) -> None:
-        one_thread_here()  # beside the writer, on a core of its own: no team of every core per op
+        one_thread_here(self._share)  # beside the writer, on a core of its own: no team of every core per op
         while True:
             item = self._q.get()
             try:

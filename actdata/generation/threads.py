@@ -48,17 +48,22 @@ def tokenizer_threads() -> int:
     return _share or cores()
 
 
-def one_thread_here() -> None:
-    """Run the calling thread's torch ops on one core, leaving every other thread's as it was.
+_set_lock = threading.Lock()  # torch keeps one process-wide default: set and put back as one step
+
+
+def one_thread_here(default: int) -> None:
+    """Run the calling thread's torch ops on one core; threads started later begin with `default`.
 
     OpenMP's team size is per thread, so a helper thread (statistics) whose ops each started a team of
     every core would oversubscribe the cores that the writer's copies and the forward use (measured: a
     reduction 25x slower on a busy 2-core host). `torch.set_num_threads` sets the calling thread's team
-    size and also the default that threads started later begin with; the default is put back from a
-    short-lived helper thread, whose own team size does not matter."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    if n != 1:
-        restore = threading.Thread(target=torch.set_num_threads, args=(n,), name="actdata-threads")
+    size and also the default that threads started later begin with; that default is put back to
+    `default` (the share of the thread that started the helper, read there: a new thread's own first
+    reading is whatever default another thread left) from a short-lived thread whose own size does not
+    matter."""
+    with _set_lock:
+        torch.get_num_threads()  # torch's once-per-thread set-up, which would otherwise reset the size at the first op
+        torch.set_num_threads(1)
+        restore = threading.Thread(target=torch.set_num_threads, args=(max(1, default),), name="actdata-threads")
         restore.start()
         restore.join()
