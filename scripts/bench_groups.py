@@ -172,7 +172,6 @@ def main() -> int:
         missed = r["stats"]["rows_written"] - g["rows_read"] - g["lag"]
         print(f"{name}: rows/s / R = {rps / rate:.2f}; rows_skipped {g['rows_skipped']:,}, missed "
               f"(written - read - lag) {missed:,}")
-    print("(machine shared with other jobs: figures are indicative; the lead re-runs on a quiet machine)")
     return 0
 
 
