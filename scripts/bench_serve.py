@@ -129,7 +129,8 @@ def paired_rates(url: str, batch: int, workers: int, batches: int, reps: int, co
     """GB/s of several loaders measured in turns: every rep times each loader once (and samples the limits
     once), so that slow phases of a shared machine hit all of them alike. The order rotates from rep to
     rep, and each loader's workers are given `settle_s` to refill their prefetch queues before the next
-    loader is timed (otherwise a loader timed right after another competes with its refill). Returns
+    loader is timed (otherwise a loader timed right after another competes with its refill); the prefetched
+    batches are taken before the clock starts, so a window times what the workers fetch while it runs. Returns
     (median GB/s per config, median over reps of each config's ratio to the first config)."""
     its, nbytes = [], []
     for form, local in configs:
@@ -149,6 +150,8 @@ def paired_rates(url: str, batch: int, workers: int, batches: int, reps: int, co
         for j in range(len(its)):
             i = (rep + j) % len(its)
             time.sleep(settle_s)
+            for _ in range(2 * workers):  # what the workers prefetched while the others ran: not this window's
+                next(its[i])
             t = time.perf_counter()
             for _ in range(batches):
                 next(its[i])
@@ -249,7 +252,7 @@ def main() -> None:
     ap.add_argument("--workers", default="0,1,2,4", help="DataLoader worker counts")
     ap.add_argument("--forms-only", action="store_true", help="only the DataLoader forms and same-host rows")
     a = ap.parse_args()
-    reps, batches = (3, 6) if a.quick else (5, 12)
+    reps, batches = (3, 12) if a.quick else (5, 24)
     torch.set_num_threads(1)
     rows_out: list[tuple[str, float, float]] = []  # (label, GB/s, samples/s)
     k, dim = 4096, 768
