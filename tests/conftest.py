@@ -1,4 +1,7 @@
+import contextlib
 import os
+import subprocess
+import tempfile
 
 import pytest
 
@@ -38,3 +41,40 @@ def synthetic_server():
     srv = ServerProcess([*SYNTHETIC, "buffer.size=4000", "buffer.min_fill=0.25"])
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama built from a config (random weights, no download), for a module's model tests."""
+    from test_capture import build
+
+    return build("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A 40-document JSONL corpus of the capture tests' sentences."""
+    import json
+
+    from test_capture import TEXT
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"{TEXT[i % len(TEXT)]} Number {i}."}) + "\n")
+    return str(path)
+
+
+@contextlib.contextmanager
+def private_tmpfs(size: str):
+    """A tmpfs of `size` (mount's syntax, "4m") on a fresh directory, for a full disk; skips where mounting
+    is not allowed. Unmounted lazily: a view of a map may outlive the test."""
+    d = tempfile.mkdtemp(prefix="actdata-test-tmpfs-")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d], capture_output=True)
+    if r.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a private tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], capture_output=True)

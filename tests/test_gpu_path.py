@@ -12,7 +12,6 @@
 - buffer pages populated ahead of the writer.
 The GPU itself is exercised by scripts/gpu_check.sh.
 """
-import json
 import os
 import subprocess
 import sys
@@ -40,22 +39,6 @@ from actdata.shm import SharedActivationBuffer
 from actdata.shm.pages import populate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build("llama", tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from test_capture import TEXT
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"text": f"{TEXT[i % len(TEXT)]} Number {i}."}) + "\n")
-    return str(path)
 
 
 def cfg_for(model, corpus, **gen_kw):

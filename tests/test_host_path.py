@@ -9,7 +9,6 @@
 - each generator publishes its device, GPU UUID and thread shares, and sizes its threads to its share
   of the cores; statistics are on for the synthetic source by default.
 """
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from test_capture import build, make_cfg
+from test_capture import make_cfg
 
 from actdata.client import ActivationClient
 from actdata.config import Config, ConfigError
@@ -37,22 +36,6 @@ from actdata.generation.placement import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build("llama", tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from test_capture import TEXT
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"text": f"{TEXT[i % len(TEXT)]} Number {i}."}) + "\n")
-    return str(path)
 
 
 def test_filter_decisions_are_read_one_batch_late(llama, corpus):

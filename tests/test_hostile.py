@@ -5,12 +5,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 import requests
 import torch
+from conftest import private_tmpfs
 
 from actdata import wire
 from actdata.generation.synthetic import make_rows, row_ids
@@ -184,13 +184,8 @@ def test_explicit_buffer_path_after_kill9_and_while_in_use(tmp_path):
 
 @pytest.fixture
 def small_tmpfs():
-    d = tempfile.mkdtemp(prefix="actdata-test-tmpfs-")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", d], capture_output=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a private tmpfs here: {r.stderr.decode().strip()}")
-    yield d
-    subprocess.run(["umount", "-l", d], capture_output=True)  # lazy: a view of the map may outlive the test
+    with private_tmpfs("4m") as d:
+        yield d
     os.rmdir(d)
 
 

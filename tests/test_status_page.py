@@ -12,14 +12,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 
 import pytest
 import requests
-from conftest import SYNTHETIC
+from conftest import SYNTHETIC, private_tmpfs
 
 from actdata.reading.client import ActivationClient
 from actdata.serving.process import ServerProcess
@@ -299,13 +297,8 @@ def test_a_killed_generator_shows_restarting_then_running(server, tab):
 
 @pytest.fixture
 def small_tmpfs():
-    d = tempfile.mkdtemp(prefix="actdata-test-page-tmpfs-")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", d], capture_output=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a private tmpfs here: {r.stderr.decode().strip()}")
-    yield d
-    subprocess.run(["umount", "-l", d], capture_output=True)
+    with private_tmpfs("8m") as d:
+        yield d
     os.rmdir(d)
 
 
