@@ -282,3 +282,20 @@ def test_a_reader_killed_mid_read_does_not_hold_its_groups_rows():
         assert buf.stats()["free"] == 64
     finally:
         buf.close()
+
+
+def test_a_group_refused_on_a_full_buffer_is_told_which_group_holds_it():
+    """wait policy: a group that stopped reading holds every slot; the others' 503 names it and the keys
+    that decide (a user saw only "0 rows ready")."""
+    from actdata.shm import NotReady, SharedActivationBuffer
+
+    buf = SharedActivationBuffer.create(32, (4,), prefix="t19hold", max_groups=2)
+    try:
+        buf.groups.configure("wait", 60.0, 0)
+        buf.groups.register("stalled")
+        buf.write(torch.zeros(32, 4))
+        buf.read(32, group="fast")  # registers with the 32 ready rows, reads them all
+        with pytest.raises(NotReady, match=r"full of rows group stalled has not read .*group_idle_s=60"):
+            buf.read(8, group="fast")
+    finally:
+        buf.close()
