@@ -25,9 +25,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-# bytes of one float32 chunk: on the CPU it and its square stay in the core's cache (measured best at 512 KB);
-# on a GPU fewer, larger steps (fewer launches) in bounded memory
-CHUNK_BYTES = {False: 512 << 10, True: 64 << 20}
+CPU_CHUNK_BYTES = 512 << 10  # one float32 chunk and its square stay in the core's cache (measured best)
+GPU_CHUNK_BYTES = 64 << 20  # fewer, larger steps (fewer launches) in bounded device memory
 SHIFT_ROWS = 16  # the batch's first rows whose mean every row is shifted by (near the mean is enough)
 
 
@@ -48,8 +47,8 @@ class Moments(NamedTuple):
 
 
 def _chunk_rows(dev: torch.device, row_values: int) -> int:
-    """Rows per step: a float32 chunk of CHUNK_BYTES for this device (its square beside it)."""
-    return max(1, CHUNK_BYTES[dev.type == "cuda"] // (4 * row_values))
+    """Rows per step: a float32 chunk of the device's chunk bytes (its square beside it)."""
+    return max(1, (GPU_CHUNK_BYTES if dev.type == "cuda" else CPU_CHUNK_BYTES) // (4 * row_values))
 
 
 _workspace = threading.local()  # per thread: the CPU's reused chunk buffers (fresh ones page-fault every batch)

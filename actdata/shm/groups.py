@@ -159,14 +159,15 @@ class GroupTable:
         return g
 
     def _holder(self, g: int) -> str:
-        """Why a full buffer has nothing for group g: the group that still owes the most of its rows."""
+        """Why a full buffer has nothing for group g under `wait`: the group that has the most rows unread."""
         others = [o for o in np.nonzero(self.meta[:, M_STATE] == ACTIVE)[0].tolist() if o != g]
         if not others:
             return ""
         o = max(others, key=lambda i: int(self.meta[i, M_N]))
         idle = time.time() - float(self.fmeta[o, MF_SEEN])
         return (f"; the buffer is full of rows group {self._name(o)} has not read (last read {idle:.0f} s ago; "
-                f"buffer.group_lag={self.policy} waits for it, buffer.group_idle_s={self.idle_s:g} drops it)")
+                "buffer.group_lag=wait waits for it, buffer.group_lag=skip would not, "
+                f"buffer.group_idle_s={self.idle_s:g} drops it)")
 
     def active_count(self) -> int:
         return int(np.count_nonzero(self.meta[:, M_STATE] == ACTIVE))
@@ -197,7 +198,7 @@ class GroupTable:
                                   f"min_fill={b.spec.min_fill:g}")
             if n < k:
                 raise NotReady(f"group {name}: only {n} rows ready that it has not read, {k} asked"
-                               + (self._holder(g) if n_ready >= self.capacity else ""))
+                               + (self._holder(g) if n_ready >= self.capacity and self.policy == "wait" else ""))
             ids = take(self.ready[g], n, int(k), b._random())
             self.meta[g, M_N] = n - len(ids)
             bit = np.uint64(1 << g)
